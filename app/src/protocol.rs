@@ -1,0 +1,269 @@
+//! The client protocol of `../shared/contracts/protocol.md` section 1: every
+//! message and the `Task` object, defined once and used by the server and the
+//! wasm client alike. Parsing of client messages lives here too, so the error
+//! a malformed frame gets is decided in one place.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest `ref` a client may send, in chars.
+pub const MAX_REF_CHARS: usize = 64;
+/// Longest task id or kind a client may send, in bytes. Ours are far shorter.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// The lifecycle of a task. `succeeded`, `failed` and `cancelled` are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    /// A task never leaves a final state.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The full current view of one task, as every `task`/`accepted` message and
+/// `welcome` carry it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub kind: String,
+    pub state: TaskState,
+    pub done: u64,
+    pub total: Option<u64>,
+    pub message: Option<String>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub seq: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+impl Task {
+    /// Progress in whole percent (0..=100), `None` while `total` is unknown.
+    pub fn percent(&self) -> Option<u8> {
+        match self.total {
+            Some(0) => Some(if self.state == TaskState::Succeeded { 100 } else { 0 }),
+            Some(total) => Some((self.done.min(total) * 100 / total) as u8),
+            None if self.state == TaskState::Succeeded => Some(100),
+            None => None,
+        }
+    }
+}
+
+/// The codes an `error` message carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownKind,
+    InvalidParams,
+    NotFound,
+    RateLimited,
+    TooManyTasks,
+    BackendUnavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownKind => "unknown_kind",
+            ErrorCode::InvalidParams => "invalid_params",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyTasks => "too_many_tasks",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Server → client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Welcome {
+        protocol: u32,
+        session: String,
+        tasks: Vec<Task>,
+    },
+    Task {
+        task: Task,
+    },
+    Accepted {
+        #[serde(rename = "ref")]
+        reference: String,
+        task: Task,
+    },
+    Error {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl ServerMsg {
+    pub fn error(reference: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerMsg::Error {
+            reference,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Client → server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Start {
+        #[serde(rename = "ref")]
+        reference: String,
+        kind: String,
+        params: Value,
+    },
+    Subscribe {
+        task: String,
+    },
+    Unsubscribe {
+        task: String,
+    },
+    Cancel {
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+        task: String,
+    },
+}
+
+/// Why a client frame was refused: becomes an `error` message with this `ref`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub reference: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    fn bad_request(reference: Option<String>, message: impl Into<String>) -> Self {
+        Rejection {
+            reference,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Rejection> for ServerMsg {
+    fn from(r: Rejection) -> Self {
+        ServerMsg::Error {
+            reference: r.reference,
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
+impl ClientMsg {
+    /// Parses one text frame. Every way a frame can be wrong is a
+    /// `bad_request` whose `ref` is the frame's own when that was valid.
+    pub fn parse(text: &str) -> Result<ClientMsg, Rejection> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Rejection::bad_request(None, format!("malformed JSON: {e}")))?;
+        let Value::Object(object) = &value else {
+            return Err(Rejection::bad_request(None, "a message must be a JSON object"));
+        };
+        let reference = match object.get("ref") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.chars().count() <= MAX_REF_CHARS => Some(s.clone()),
+            Some(Value::String(_)) => {
+                return Err(Rejection::bad_request(
+                    None,
+                    format!("`ref` is longer than {MAX_REF_CHARS} characters"),
+                ))
+            }
+            Some(_) => return Err(Rejection::bad_request(None, "`ref` must be a string")),
+        };
+        match object.get("type") {
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(Rejection::bad_request(reference, "`type` must be a string")),
+            None => return Err(Rejection::bad_request(reference, "missing field `type`")),
+        }
+        let msg: ClientMsg = serde_json::from_value(value)
+            .map_err(|e| Rejection::bad_request(reference.clone(), e.to_string()))?;
+        msg.validate().map_err(|m| Rejection::bad_request(reference, m))?;
+        Ok(msg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        fn id(field: &str, s: &str) -> Result<(), String> {
+            if s.is_empty() || s.len() > MAX_ID_BYTES {
+                Err(format!("`{field}` must be 1 to {MAX_ID_BYTES} bytes"))
+            } else {
+                Ok(())
+            }
+        }
+        match self {
+            ClientMsg::Start { kind, params, .. } => {
+                id("kind", kind)?;
+                if !params.is_object() {
+                    return Err("`params` must be a JSON object".into());
+                }
+                Ok(())
+            }
+            ClientMsg::Subscribe { task }
+            | ClientMsg::Unsubscribe { task }
+            | ClientMsg::Cancel { task, .. } => id("task", task),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a ClientMsg always serialises")
+    }
+}
+
+impl ServerMsg {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a ServerMsg always serialises")
+    }
+}
+
+/// A `task` message that borrows its task: the server serialises each state
+/// once, however many connections it goes to. Same JSON as `ServerMsg::Task`.
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "task")]
+pub struct TaskMsgRef<'a> {
+    pub task: &'a Task,
+}

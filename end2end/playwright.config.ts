@@ -1,0 +1,62 @@
+import { defineConfig } from '@playwright/test';
+
+// End-to-end tests for taskwire.
+//
+// Build first, from the repository root:  cargo leptos build --release
+// Then run:                                cd end2end && npx playwright test
+// (or `cargo leptos end-to-end --release`, which runs `npx playwright test` here).
+//
+// Browsers cannot be downloaded on this network, so the tests drive Debian's
+// Chromium (apt-get install -y chromium); override with CHROMIUM_PATH.
+// The server listens on 127.0.0.1:3100 unless TASKWIRE_E2E_PORT says otherwise.
+
+const PORT = process.env.TASKWIRE_E2E_PORT ?? '3100';
+const BASE_URL = `http://127.0.0.1:${PORT}`;
+
+export default defineConfig({
+  testDir: './tests',
+  outputDir: 'test-results',
+  // 'list' only: the html reporter keeps a server running after a failure.
+  reporter: 'list',
+  workers: 1,
+  fullyParallel: false,
+  retries: 0,
+  timeout: 60_000,
+  expect: { timeout: 10_000 },
+  forbidOnly: !!process.env.CI,
+
+  use: {
+    baseURL: BASE_URL,
+    trace: 'retain-on-failure',
+    screenshot: 'only-on-failure',
+    launchOptions: {
+      executablePath: process.env.CHROMIUM_PATH ?? '/usr/bin/chromium',
+      // Without the background-networking flags Chromium floods this closed
+      // network with refused connections.
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
+    },
+  },
+
+  projects: [{ name: 'chromium' }],
+
+  webServer: {
+    // Run from the repository root: the release binary finds target/site there.
+    command: `./target/release/taskwire --listen 127.0.0.1:${PORT} --poll-interval-ms 200`,
+    cwd: '..',
+    url: `${BASE_URL}/`,
+    reuseExistingServer: false,
+    timeout: 60_000,
+    stdout: 'pipe',
+    stderr: 'pipe',
+    gracefulShutdown: { signal: 'SIGTERM', timeout: 5_000 },
+  },
+});

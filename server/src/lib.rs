@@ -1,0 +1,203 @@
+//! taskwire's server: the page (Leptos SSR), the WebSocket hub, the poll
+//! scheduler and the task-service adapters, wired together by
+//! [`Application`].
+
+pub mod backend;
+pub mod clock;
+pub mod config;
+pub mod hub;
+pub mod scheduler;
+pub mod session;
+pub mod sim;
+pub mod ws;
+
+use app::{shell, App};
+use axum::extract::FromRef;
+use axum::routing::get;
+use axum::Router;
+use backend::Backend;
+use clock::Clock;
+use config::{BackendChoice, Config};
+use hub::{CloseReason, Hub};
+use leptos::prelude::LeptosOptions;
+use leptos_axum::{generate_route_list, LeptosRoutes};
+use scheduler::policy::PollPolicy;
+use scheduler::{Scheduler, SchedulerHandle};
+use sim::Simulator;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long in-flight polls get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub leptos_options: LeptosOptions,
+    pub config: Arc<Config>,
+    pub hub: Hub,
+    pub backend: Backend,
+    pub scheduler: SchedulerHandle,
+    pub policy: Arc<PollPolicy>,
+    /// The embedded simulator, when that is the backend.
+    pub sim: Option<Arc<Simulator>>,
+}
+
+impl FromRef<AppState> for LeptosOptions {
+    fn from_ref(state: &AppState) -> Self {
+        state.leptos_options.clone()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bad backend: {0}")]
+    Backend(#[from] backend::BackendError),
+}
+
+/// A built server, bound to its port, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    scheduler: Scheduler,
+    addr: SocketAddr,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Application, StartupError> {
+        let clock = Clock::new();
+        let (backend, sim) = match &config.backend {
+            BackendChoice::Embedded => {
+                let sim = Arc::new(Simulator::new());
+                (Backend::embedded(sim.clone(), clock), Some(sim))
+            }
+            BackendChoice::Http(url) => (
+                Backend::http(url, Duration::from_millis(config.backend_timeout_ms))?,
+                None,
+            ),
+        };
+        let policy = PollPolicy {
+            poll_interval_ms: config.poll_interval_ms,
+            give_up_ms: config.backend_give_up_s.saturating_mul(1000),
+            retention_ms: config.retention_s.saturating_mul(1000),
+        };
+        let hub = Hub::new(clock);
+        let (scheduler, handle) = Scheduler::new(
+            hub.clone(),
+            backend.clone(),
+            policy.clone(),
+            config.max_concurrent_polls as usize,
+        );
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartupError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+
+        let mut leptos_options = leptos::config::get_configuration(None)
+            .map(|c| c.leptos_options)
+            .unwrap_or_else(|_| LeptosOptions::builder().output_name("taskwire").build());
+        if leptos_options.output_name.is_empty() {
+            // Built without cargo-leptos (plain `cargo test`): the page still
+            // renders, naming the assets cargo-leptos would build.
+            leptos_options.output_name = "taskwire".into();
+        }
+        leptos_options.site_addr = addr;
+
+        let state = AppState {
+            leptos_options,
+            config: Arc::new(config),
+            hub,
+            backend,
+            scheduler: handle,
+            policy: Arc::new(policy),
+            sim,
+        };
+        let router = router(state.clone());
+        Ok(Application {
+            listener,
+            router,
+            state,
+            scheduler,
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes: then stops accepting, closes every
+    /// WebSocket with 1012, and lets the polls in flight finish.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let scheduler = tokio::spawn(self.scheduler.run(stop_rx));
+        let hub = self.state.hub.clone();
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing connections");
+            hub.close_all(CloseReason::Restart);
+            let _ = stop_tx.send(true);
+        });
+        let result = serve.await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, scheduler).await;
+        result
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+fn router(state: AppState) -> Router {
+    let routes = generate_route_list(App);
+    let options = state.leptos_options.clone();
+    Router::new()
+        .route("/ws", get(ws::handler))
+        .leptos_routes(&state, routes, move || shell(options.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            session::middleware,
+        ))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .with_state(state)
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

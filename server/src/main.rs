@@ -1,0 +1,38 @@
+use clap::Parser;
+use server::config::{Cli, Command};
+use server::{sim, Application};
+use std::sync::Arc;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Sim(c)) => run_sim(c.listen).await,
+        None => run(cli.config).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskwire: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: server::config::Config) -> Result<(), Box<dyn std::error::Error>> {
+    let app = Application::build(config).await?;
+    tracing::info!("taskwire listening on http://{}", app.addr());
+    app.run_until_stopped().await?;
+    Ok(())
+}
+
+async fn run_sim(listen: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!("task-service simulator listening on http://{}", listener.local_addr()?);
+    sim::http::serve(listener, Arc::new(sim::Simulator::new()), server::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,1033 @@
+//! The task service's simulator model: `simulate` tasks whose progress is a
+//! pure function of their start time and the instant the caller passes in
+//! (contract section 2). No I/O, no timers, no clock reads: `http` serves it
+//! with the wall clock, tests drive it with chosen instants.
+
+pub mod http;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use app::protocol::TaskState;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::backend::types::Status;
+
+/// The one kind the simulator knows.
+pub const KIND_SIMULATE: &str = "simulate";
+/// Longest `duration_ms` a `simulate` task may ask for (one day).
+pub const MAX_DURATION_MS: u64 = 86_400_000;
+/// Most `steps` a `simulate` task may ask for.
+pub const MAX_STEPS: u64 = 1_000_000_000;
+/// Most tasks held at once, finished ones included; beyond it `start` is
+/// refused with [`SimError::Full`] (HTTP 503).
+pub const MAX_TASKS: usize = 1_000_000;
+/// How long a finished task is still served after it finished, in ms.
+pub const RETENTION_MS: u64 = 60 * 60 * 1000;
+/// Expired tasks forgotten per `start`, at most. More than one, so pruning
+/// outpaces the one task each start adds; bounded, so a start after a quiet
+/// hour does not hold the lock while thousands of tasks are dropped.
+const PRUNE_PER_START: usize = 8;
+/// Random bytes in a task id (shown as twice as many hex chars).
+const ID_BYTES: usize = 8;
+
+/// Why a task could not be started.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SimError {
+    #[error("unknown kind `{0}`: the simulator knows only `simulate`")]
+    UnknownKind(String),
+    #[error("invalid params: {0}")]
+    InvalidParams(String),
+    #[error("the simulator holds as many tasks as it may; retry later")]
+    Full,
+}
+
+/// The validated params of a `simulate` task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimSpec {
+    pub duration_ms: u64,
+    pub steps: u64,
+    pub fail_at: Option<u64>,
+}
+
+impl SimSpec {
+    /// Validates `simulate` params exactly as the contract states: an object
+    /// with `duration_ms` and `steps` (integers in range) and an optional
+    /// `fail_at` (integer in `0..=steps`, or null); nothing else.
+    pub fn from_params(params: &Value) -> Result<SimSpec, SimError> {
+        let Value::Object(map) = params else {
+            return Err(invalid(format!(
+                "`params` must be a JSON object, got {}",
+                describe(params)
+            )));
+        };
+        if let Some(key) = map
+            .keys()
+            .find(|k| !matches!(k.as_str(), "duration_ms" | "steps" | "fail_at"))
+        {
+            return Err(invalid(format!(
+                "unknown key `{key}` (allowed: `duration_ms`, `steps`, `fail_at`)"
+            )));
+        }
+        let duration_ms = required(map, "duration_ms", MAX_DURATION_MS)?;
+        let steps = required(map, "steps", MAX_STEPS)?;
+        let fail_at = match map.get("fail_at") {
+            None | Some(Value::Null) => None,
+            Some(value) => match value.as_u64() {
+                Some(n) if n <= steps => Some(n),
+                _ => {
+                    return Err(invalid(format!(
+                        "`fail_at` must be null or an integer from 0 to `steps` ({steps}), got {}",
+                        describe(value)
+                    )))
+                }
+            },
+        };
+        Ok(SimSpec {
+            duration_ms,
+            steps,
+            fail_at,
+        })
+    }
+
+    /// `done` after `elapsed_ms`: `floor(steps * elapsed / duration)`, capped.
+    fn done_after(&self, elapsed_ms: u64) -> u64 {
+        let done = u128::from(self.steps) * u128::from(elapsed_ms) / u128::from(self.duration_ms);
+        // Capped at `steps`, so it fits in a u64.
+        done.min(u128::from(self.steps)) as u64
+    }
+
+    /// The first ms after the start at which `done` is reached:
+    /// `ceil(done * duration / steps)`. At most `duration_ms` for `done <= steps`.
+    fn first_ms_of(&self, done: u64) -> u64 {
+        let steps = u128::from(self.steps);
+        let ms = (u128::from(done) * u128::from(self.duration_ms)).div_ceil(steps);
+        ms as u64
+    }
+
+    /// Ms after the start at which the task finishes by itself (fails or succeeds).
+    pub fn natural_end_ms(&self) -> u64 {
+        match self.fail_at {
+            Some(fail_at) => self.first_ms_of(fail_at).min(self.duration_ms),
+            None => self.duration_ms,
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> SimError {
+    SimError::InvalidParams(message.into())
+}
+
+fn required(map: &Map<String, Value>, field: &str, max: u64) -> Result<u64, SimError> {
+    let Some(value) = map.get(field) else {
+        return Err(invalid(format!(
+            "missing `{field}` (an integer from 1 to {max})"
+        )));
+    };
+    match value.as_u64() {
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(format!(
+            "`{field}` must be an integer from 1 to {max}, got {}",
+            describe(value)
+        ))),
+    }
+}
+
+/// A short description of a rejected value: numbers as written, anything
+/// else by its type, so an error message never echoes a huge body.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// Where a task stands at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub state: TaskState,
+    pub done: u64,
+    /// When this state (including `done`) began, epoch ms.
+    pub changed_at_ms: u64,
+}
+
+/// The contract's arithmetic, pure: where a task started at `start_ms` stands
+/// at `now_ms`. A `now_ms` before the start counts as the start.
+///
+/// With `fail_at` set the task fails at the first ms at which
+/// `done >= fail_at`, keeping the `done` it had then (more than `fail_at`
+/// when `steps > duration_ms`); failure wins over success when
+/// `fail_at == steps`.
+pub fn progress_at(spec: &SimSpec, start_ms: u64, now_ms: u64) -> Progress {
+    let elapsed_ms = now_ms.saturating_sub(start_ms);
+    let at = |done: u64| start_ms.saturating_add(spec.first_ms_of(done));
+    if let Some(fail_at) = spec.fail_at {
+        let fail_ms = spec.first_ms_of(fail_at);
+        if elapsed_ms >= fail_ms {
+            let done = spec.done_after(fail_ms);
+            return Progress {
+                state: TaskState::Failed,
+                done,
+                changed_at_ms: at(done),
+            };
+        }
+    }
+    let done = spec.done_after(elapsed_ms);
+    let state = if done == spec.steps {
+        TaskState::Succeeded
+    } else {
+        TaskState::Running
+    };
+    Progress {
+        state,
+        done,
+        changed_at_ms: at(done),
+    }
+}
+
+/// The counters `GET /stats` shows, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// Tasks held now, finished ones included.
+    pub tasks: u64,
+    /// Status requests (`GET /tasks/{id}`), unknown ids included.
+    pub polls: u64,
+    /// Tasks started.
+    pub starts: u64,
+    /// Cancel requests that found their task, finished or not.
+    pub cancels: u64,
+}
+
+/// One task as the simulator holds it: its spec and start, never a snapshot
+/// of its progress (that is computed on each request).
+#[derive(Clone, Debug)]
+struct SimTask {
+    spec: SimSpec,
+    start_ms: u64,
+    /// `(done, at_ms)` once cancelled while running.
+    cancelled: Option<(u64, u64)>,
+    polls: u64,
+}
+
+impl SimTask {
+    fn progress(&self, now_ms: u64) -> Progress {
+        match self.cancelled {
+            Some((done, at_ms)) => Progress {
+                state: TaskState::Cancelled,
+                done,
+                changed_at_ms: at_ms,
+            },
+            None => progress_at(&self.spec, self.start_ms, now_ms),
+        }
+    }
+
+    /// When the task is forgotten: `retention_ms` after it finished (or
+    /// will finish, since that instant is known at start).
+    fn expires_at_ms(&self, retention_ms: u64) -> u64 {
+        let finished_ms = match self.cancelled {
+            Some((_, at_ms)) => at_ms,
+            None => self.start_ms.saturating_add(self.spec.natural_end_ms()),
+        };
+        finished_ms.saturating_add(retention_ms)
+    }
+
+    fn status(&self, id: &str, now_ms: u64) -> Status {
+        let progress = self.progress(now_ms);
+        let result =
+            (progress.state == TaskState::Succeeded).then(|| json!({ "steps": self.spec.steps }));
+        let error = match (progress.state, self.spec.fail_at) {
+            (TaskState::Failed, Some(fail_at)) => {
+                Some(format!("simulated failure at step {fail_at}"))
+            }
+            _ => None,
+        };
+        Status {
+            id: id.to_owned(),
+            state: progress.state,
+            done: progress.done,
+            total: Some(self.spec.steps),
+            message: None,
+            result,
+            error,
+            changed_at_ms: progress.changed_at_ms,
+        }
+    }
+}
+
+/// The tasks and an index of them by expiry, so pruning pops only what has
+/// expired instead of scanning every task.
+#[derive(Default)]
+struct Tasks {
+    by_id: HashMap<String, SimTask>,
+    /// `(expires_at_ms, id)` of every task in `by_id`, exactly once each.
+    by_expiry: BTreeSet<(u64, String)>,
+}
+
+impl Tasks {
+    /// Forgets up to `limit` tasks that expired at or before `now_ms`.
+    fn prune(&mut self, now_ms: u64, limit: usize) {
+        for _ in 0..limit {
+            if self.by_expiry.first().is_none_or(|(at, _)| *at > now_ms) {
+                break;
+            }
+            if let Some((_, id)) = self.by_expiry.pop_first() {
+                self.by_id.remove(&id);
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str, expires_at_ms: u64) {
+        self.by_id.remove(id);
+        self.by_expiry.remove(&(expires_at_ms, id.to_owned()));
+    }
+}
+
+/// The simulator: a handle shared by every request (wrap it in an `Arc`).
+pub struct Simulator {
+    // A std Mutex, not tokio's: every critical section is a few map
+    // operations and arithmetic, and none is held across an `.await`, so
+    // blocking briefly is cheaper than an async lock's bookkeeping.
+    tasks: Mutex<Tasks>,
+    max_tasks: usize,
+    retention_ms: u64,
+    polls: AtomicU64,
+    starts: AtomicU64,
+    cancels: AtomicU64,
+}
+
+impl Default for Simulator {
+    fn default() -> Self {
+        Simulator::new()
+    }
+}
+
+impl Simulator {
+    /// A simulator with the default bounds, [`MAX_TASKS`] and [`RETENTION_MS`].
+    pub fn new() -> Self {
+        Simulator::with_limits(MAX_TASKS, RETENTION_MS)
+    }
+
+    /// A simulator holding at most `max_tasks` tasks, forgetting finished
+    /// ones `retention_ms` after they finished.
+    pub fn with_limits(max_tasks: usize, retention_ms: u64) -> Self {
+        Simulator {
+            tasks: Mutex::new(Tasks::default()),
+            max_tasks,
+            retention_ms,
+            polls: AtomicU64::new(0),
+            starts: AtomicU64::new(0),
+            cancels: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tasks> {
+        // No critical section can panic halfway through an update that
+        // matters (pruning tolerates a missing task), so a poisoned lock's
+        // data is still good.
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a task at `now_ms` and returns its id.
+    pub fn start(&self, kind: &str, params: &Value, now_ms: u64) -> Result<String, SimError> {
+        if kind != KIND_SIMULATE {
+            return Err(SimError::UnknownKind(kind.to_owned()));
+        }
+        let spec = SimSpec::from_params(params)?;
+        let task = SimTask {
+            spec,
+            start_ms: now_ms,
+            cancelled: None,
+            polls: 0,
+        };
+        let expires_at_ms = task.expires_at_ms(self.retention_ms);
+        let mut id = new_id();
+        let mut tasks = self.lock();
+        tasks.prune(now_ms, PRUNE_PER_START);
+        // Full only if fewer than PRUNE_PER_START tasks had expired (else
+        // the prune made room), i.e. only if every expired task is gone.
+        if tasks.by_id.len() >= self.max_tasks {
+            return Err(SimError::Full);
+        }
+        while tasks.by_id.contains_key(&id) {
+            id = new_id();
+        }
+        tasks.by_expiry.insert((expires_at_ms, id.clone()));
+        tasks.by_id.insert(id.clone(), task);
+        drop(tasks);
+        self.starts.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// The task's status at `now_ms`, or `None` if unknown or forgotten.
+    /// Counts as a poll.
+    pub fn status(&self, id: &str, now_ms: u64) -> Option<Status> {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        let mut tasks = self.lock();
+        let task = tasks.by_id.get_mut(id)?;
+        let expires_at_ms = task.expires_at_ms(self.retention_ms);
+        if expires_at_ms <= now_ms {
+            tasks.forget(id, expires_at_ms);
+            return None;
+        }
+        task.polls += 1;
+        Some(task.status(id, now_ms))
+    }
+
+    /// Cancels the task at `now_ms` if it is still running (it keeps the
+    /// `done` it had then); a finished task is returned unchanged. `None` if
+    /// unknown or forgotten.
+    pub fn cancel(&self, id: &str, now_ms: u64) -> Option<Status> {
+        let mut tasks = self.lock();
+        let task = tasks.by_id.get_mut(id)?;
+        let expires_at_ms = task.expires_at_ms(self.retention_ms);
+        if expires_at_ms <= now_ms {
+            tasks.forget(id, expires_at_ms);
+            return None;
+        }
+        let progress = task.progress(now_ms);
+        if !progress.state.is_final() {
+            task.cancelled = Some((progress.done, now_ms));
+        }
+        let status = task.status(id, now_ms);
+        let new_expires_at_ms = task.expires_at_ms(self.retention_ms);
+        if new_expires_at_ms != expires_at_ms {
+            tasks.by_expiry.remove(&(expires_at_ms, id.to_owned()));
+            tasks.by_expiry.insert((new_expires_at_ms, id.to_owned()));
+        }
+        drop(tasks);
+        self.cancels.fetch_add(1, Ordering::Relaxed);
+        Some(status)
+    }
+
+    /// The counters, as `GET /stats` shows them.
+    pub fn stats(&self) -> SimStats {
+        let tasks = self.lock().by_id.len() as u64;
+        SimStats {
+            tasks,
+            polls: self.polls.load(Ordering::Relaxed),
+            starts: self.starts.load(Ordering::Relaxed),
+            cancels: self.cancels.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How many times the task's status was requested, `None` if unknown.
+    pub fn polls_of(&self, id: &str) -> Option<u64> {
+        self.lock().by_id.get(id).map(|task| task.polls)
+    }
+
+    /// Every held task's poll count, by id (sorted, for stable output).
+    pub fn polls_per_task(&self) -> BTreeMap<String, u64> {
+        self.lock()
+            .by_id
+            .iter()
+            .map(|(id, task)| (id.clone(), task.polls))
+            .collect()
+    }
+}
+
+/// A fresh random id: [`ID_BYTES`] from the OS as lowercase hex, so ids are
+/// unguessable and a restarted simulator never reuses an old one.
+fn new_id() -> String {
+    let mut bytes = [0u8; ID_BYTES];
+    // The OS random source failing means the host is broken; no task id
+    // could be trusted then.
+    getrandom::fill(&mut bytes).expect("the OS random source failed");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn spec(duration_ms: u64, steps: u64, fail_at: Option<u64>) -> SimSpec {
+        SimSpec {
+            duration_ms,
+            steps,
+            fail_at,
+        }
+    }
+
+    fn at(spec: &SimSpec, elapsed_ms: u64) -> (TaskState, u64, u64) {
+        let p = progress_at(spec, T0, T0 + elapsed_ms);
+        (p.state, p.done, p.changed_at_ms - T0)
+    }
+
+    use TaskState::{Cancelled, Failed, Running, Succeeded};
+
+    fn params(duration_ms: u64, steps: u64) -> Value {
+        json!({ "duration_ms": duration_ms, "steps": steps })
+    }
+
+    fn invalid_message(params: Value) -> String {
+        match SimSpec::from_params(&params) {
+            Err(SimError::InvalidParams(m)) => m,
+            other => panic!("expected invalid params for {params}, got {other:?}"),
+        }
+    }
+
+    // ---- arithmetic ----
+
+    #[test]
+    fn progress_steps_divide_duration() {
+        let s = spec(1000, 10, None);
+        assert_eq!(at(&s, 0), (Running, 0, 0));
+        assert_eq!(at(&s, 99), (Running, 0, 0));
+        assert_eq!(at(&s, 100), (Running, 1, 100)); // exact step boundary
+        assert_eq!(at(&s, 150), (Running, 1, 100)); // mid-step
+        assert_eq!(at(&s, 500), (Running, 5, 500));
+        assert_eq!(at(&s, 999), (Running, 9, 900));
+        assert_eq!(at(&s, 1000), (Succeeded, 10, 1000)); // end
+        assert_eq!(at(&s, 1001), (Succeeded, 10, 1000)); // after end
+        assert_eq!(at(&s, 10_000_000), (Succeeded, 10, 1000));
+    }
+
+    #[test]
+    fn progress_fewer_steps_than_ms_rounds_changed_at_up() {
+        let s = spec(1000, 3, None);
+        assert_eq!(at(&s, 333), (Running, 0, 0));
+        // 1 step needs 333.33 ms: first reached at ms 334.
+        assert_eq!(at(&s, 334), (Running, 1, 334));
+        assert_eq!(at(&s, 666), (Running, 1, 334));
+        assert_eq!(at(&s, 667), (Running, 2, 667));
+        assert_eq!(at(&s, 999), (Running, 2, 667));
+        assert_eq!(at(&s, 1000), (Succeeded, 3, 1000));
+    }
+
+    #[test]
+    fn progress_more_steps_than_ms_jumps() {
+        let s = spec(10, 25, None);
+        assert_eq!(at(&s, 0), (Running, 0, 0));
+        assert_eq!(at(&s, 1), (Running, 2, 1));
+        assert_eq!(at(&s, 2), (Running, 5, 2));
+        assert_eq!(at(&s, 3), (Running, 7, 3));
+        assert_eq!(at(&s, 9), (Running, 22, 9));
+        assert_eq!(at(&s, 10), (Succeeded, 25, 10));
+    }
+
+    #[test]
+    fn progress_single_step_and_single_ms() {
+        assert_eq!(at(&spec(1, 1, None), 0), (Running, 0, 0));
+        assert_eq!(at(&spec(1, 1, None), 1), (Succeeded, 1, 1));
+        assert_eq!(at(&spec(1, MAX_STEPS, None), 0), (Running, 0, 0));
+        assert_eq!(at(&spec(1, MAX_STEPS, None), 1), (Succeeded, MAX_STEPS, 1));
+    }
+
+    #[test]
+    fn progress_before_start_counts_as_start() {
+        let s = spec(1000, 10, None);
+        let p = progress_at(&s, T0, T0 - 5000);
+        assert_eq!(
+            p,
+            Progress {
+                state: Running,
+                done: 0,
+                changed_at_ms: T0
+            }
+        );
+        let f = spec(1000, 10, Some(0));
+        let p = progress_at(&f, T0, 0);
+        assert_eq!(
+            p,
+            Progress {
+                state: Failed,
+                done: 0,
+                changed_at_ms: T0
+            }
+        );
+    }
+
+    #[test]
+    fn progress_extremes_do_not_overflow() {
+        let s = spec(MAX_DURATION_MS, MAX_STEPS, None);
+        assert_eq!(
+            at(&s, MAX_DURATION_MS / 2),
+            (Running, MAX_STEPS / 2, MAX_DURATION_MS / 2)
+        );
+        let p = progress_at(&s, 0, u64::MAX);
+        assert_eq!(
+            p,
+            Progress {
+                state: Succeeded,
+                done: MAX_STEPS,
+                changed_at_ms: MAX_DURATION_MS
+            }
+        );
+        // 10 ms before the end of time: 115 steps, first reached at ceil(9.936) = 10 ms.
+        let p = progress_at(&s, u64::MAX - 10, u64::MAX);
+        assert_eq!(
+            p,
+            Progress {
+                state: Running,
+                done: 115,
+                changed_at_ms: u64::MAX
+            }
+        );
+        // The end would lie past u64::MAX: it saturates instead of wrapping.
+        let p = progress_at(&spec(1000, 1, Some(1)), u64::MAX - 10, u64::MAX);
+        assert_eq!(
+            p,
+            Progress {
+                state: Running,
+                done: 0,
+                changed_at_ms: u64::MAX - 10
+            }
+        );
+        assert_eq!(spec(1000, 1, None).done_after(u64::MAX), 1);
+    }
+
+    #[test]
+    fn fail_at_zero_fails_at_once() {
+        let s = spec(1000, 10, Some(0));
+        assert_eq!(at(&s, 0), (Failed, 0, 0));
+        assert_eq!(at(&s, 5000), (Failed, 0, 0));
+    }
+
+    #[test]
+    fn fail_at_mid_run_keeps_done() {
+        let s = spec(1000, 10, Some(4));
+        assert_eq!(at(&s, 0), (Running, 0, 0));
+        assert_eq!(at(&s, 399), (Running, 3, 300));
+        assert_eq!(at(&s, 400), (Failed, 4, 400));
+        assert_eq!(at(&s, 401), (Failed, 4, 400));
+        assert_eq!(at(&s, 1000), (Failed, 4, 400));
+        assert_eq!(at(&s, 99_999), (Failed, 4, 400));
+    }
+
+    #[test]
+    fn fail_at_rounds_up_like_done() {
+        let s = spec(1000, 3, Some(2));
+        assert_eq!(at(&s, 666), (Running, 1, 334));
+        assert_eq!(at(&s, 667), (Failed, 2, 667));
+    }
+
+    #[test]
+    fn fail_at_with_more_steps_than_ms_keeps_done_past_fail_at() {
+        // fail_at 6 is first reached at ceil(6*10/25) = 3 ms, where done is 7.
+        let s = spec(10, 25, Some(6));
+        assert_eq!(at(&s, 2), (Running, 5, 2));
+        assert_eq!(at(&s, 3), (Failed, 7, 3));
+        assert_eq!(at(&s, 100), (Failed, 7, 3));
+    }
+
+    #[test]
+    fn fail_at_steps_fails_instead_of_succeeding() {
+        let s = spec(1000, 10, Some(10));
+        assert_eq!(at(&s, 999), (Running, 9, 900));
+        assert_eq!(at(&s, 1000), (Failed, 10, 1000));
+        assert_eq!(at(&s, 2000), (Failed, 10, 1000));
+    }
+
+    #[test]
+    fn natural_end() {
+        assert_eq!(spec(1000, 10, None).natural_end_ms(), 1000);
+        assert_eq!(spec(1000, 10, Some(4)).natural_end_ms(), 400);
+        assert_eq!(spec(1000, 10, Some(10)).natural_end_ms(), 1000);
+        assert_eq!(spec(1000, 10, Some(0)).natural_end_ms(), 0);
+        assert_eq!(spec(10, 25, Some(6)).natural_end_ms(), 3);
+    }
+
+    // ---- the simulator ----
+
+    #[test]
+    fn simulator_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Simulator>();
+    }
+
+    #[test]
+    fn status_follows_the_clock() {
+        let sim = Simulator::new();
+        let id = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let s = sim.status(&id, T0 + 250).unwrap();
+        assert_eq!(
+            s,
+            Status {
+                id: id.clone(),
+                state: Running,
+                done: 2,
+                total: Some(10),
+                message: None,
+                result: None,
+                error: None,
+                changed_at_ms: T0 + 200,
+            }
+        );
+        let s = sim.status(&id, T0 + 1500).unwrap();
+        assert_eq!(
+            (s.state, s.done, s.changed_at_ms),
+            (Succeeded, 10, T0 + 1000)
+        );
+        assert_eq!(s.result, Some(json!({ "steps": 10 })));
+        assert_eq!(s.error, None);
+    }
+
+    #[test]
+    fn status_json_has_every_contract_field() {
+        let sim = Simulator::new();
+        let id = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let value = serde_json::to_value(sim.status(&id, T0 + 100).unwrap()).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "id": id, "state": "running", "done": 1, "total": 10, "message": null,
+                "result": null, "error": null, "changed_at_ms": T0 + 100,
+            })
+        );
+    }
+
+    #[test]
+    fn failed_status_says_where() {
+        let sim = Simulator::new();
+        let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": 4 });
+        let id = sim.start("simulate", &p, T0).unwrap();
+        let s = sim.status(&id, T0 + 700).unwrap();
+        assert_eq!((s.state, s.done, s.changed_at_ms), (Failed, 4, T0 + 400));
+        assert_eq!(s.error.as_deref(), Some("simulated failure at step 4"));
+        assert_eq!(s.result, None);
+        assert_eq!(s.total, Some(10));
+    }
+
+    #[test]
+    fn cancel_mid_run_keeps_done_and_takes_cancel_time() {
+        let sim = Simulator::new();
+        let id = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let s = sim.cancel(&id, T0 + 550).unwrap();
+        assert_eq!((s.state, s.done, s.changed_at_ms), (Cancelled, 5, T0 + 550));
+        assert_eq!((s.result, s.error), (None, None));
+        // Stays so, however late it is asked.
+        let later = sim.status(&id, T0 + 5000).unwrap();
+        assert_eq!(
+            (later.state, later.done, later.changed_at_ms),
+            (Cancelled, 5, T0 + 550)
+        );
+        // A second cancel changes nothing.
+        assert_eq!(sim.cancel(&id, T0 + 6000).unwrap(), later);
+    }
+
+    #[test]
+    fn cancel_at_start_keeps_zero() {
+        let sim = Simulator::new();
+        let id = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let s = sim.cancel(&id, T0).unwrap();
+        assert_eq!((s.state, s.done, s.changed_at_ms), (Cancelled, 0, T0));
+    }
+
+    #[test]
+    fn cancel_after_finish_is_unchanged() {
+        let sim = Simulator::new();
+        let ok = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let before = sim.status(&ok, T0 + 2000).unwrap();
+        assert_eq!(sim.cancel(&ok, T0 + 2000).unwrap(), before);
+        assert_eq!(sim.status(&ok, T0 + 3000).unwrap(), before);
+
+        let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": 3 });
+        let failed = sim.start("simulate", &p, T0).unwrap();
+        let s = sim.cancel(&failed, T0 + 500).unwrap();
+        assert_eq!((s.state, s.done, s.changed_at_ms), (Failed, 3, T0 + 300));
+        assert_eq!(sim.status(&failed, T0 + 900).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_ids_are_none() {
+        let sim = Simulator::new();
+        assert_eq!(sim.status("nope", T0), None);
+        assert_eq!(sim.cancel("nope", T0), None);
+        assert_eq!(sim.polls_of("nope"), None);
+    }
+
+    #[test]
+    fn ids_are_random_hex() {
+        let sim = Simulator::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = sim.start("simulate", &params(1000, 10), T0).unwrap();
+            assert_eq!(id.len(), 2 * ID_BYTES);
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(seen.insert(id));
+        }
+        // Another simulator (a restart) does not repeat them.
+        let other = Simulator::new();
+        let id = other.start("simulate", &params(1000, 10), T0).unwrap();
+        assert!(!seen.contains(&id));
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected_before_params() {
+        let sim = Simulator::new();
+        assert_eq!(
+            sim.start("sleep", &params(1000, 10), T0),
+            Err(SimError::UnknownKind("sleep".into()))
+        );
+        assert_eq!(
+            sim.start("", &json!(null), T0),
+            Err(SimError::UnknownKind(String::new()))
+        );
+        assert_eq!(
+            sim.start("Simulate", &params(1000, 10), T0),
+            Err(SimError::UnknownKind("Simulate".into()))
+        );
+        assert_eq!(sim.stats().starts, 0);
+    }
+
+    #[test]
+    fn start_rejects_invalid_params() {
+        let sim = Simulator::new();
+        let e = sim
+            .start("simulate", &json!({ "steps": 1 }), T0)
+            .unwrap_err();
+        assert!(
+            matches!(e, SimError::InvalidParams(ref m) if m.contains("duration_ms")),
+            "{e}"
+        );
+        assert_eq!(sim.stats(), SimStats::default());
+    }
+
+    // ---- params ----
+
+    #[test]
+    fn params_valid() {
+        assert_eq!(
+            SimSpec::from_params(&params(1000, 10)),
+            Ok(spec(1000, 10, None))
+        );
+        let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": null });
+        assert_eq!(SimSpec::from_params(&p), Ok(spec(1000, 10, None)));
+        for fail_at in [0, 5, 10] {
+            let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": fail_at });
+            assert_eq!(SimSpec::from_params(&p), Ok(spec(1000, 10, Some(fail_at))));
+        }
+        assert_eq!(SimSpec::from_params(&params(1, 1)), Ok(spec(1, 1, None)));
+        assert_eq!(
+            SimSpec::from_params(&params(MAX_DURATION_MS, MAX_STEPS)),
+            Ok(spec(86_400_000, 1_000_000_000, None))
+        );
+    }
+
+    #[test]
+    fn params_not_an_object() {
+        for p in [json!(null), json!([]), json!(5), json!("x"), json!(true)] {
+            let m = invalid_message(p);
+            assert!(m.contains("`params` must be a JSON object"), "{m}");
+        }
+    }
+
+    #[test]
+    fn params_missing_fields() {
+        let m = invalid_message(json!({}));
+        assert!(m.contains("missing `duration_ms`"), "{m}");
+        let m = invalid_message(json!({ "duration_ms": 10 }));
+        assert!(m.contains("missing `steps`"), "{m}");
+        let m = invalid_message(json!({ "steps": 10 }));
+        assert!(m.contains("missing `duration_ms`"), "{m}");
+    }
+
+    #[test]
+    fn params_unknown_key() {
+        let m = invalid_message(json!({ "duration_ms": 10, "steps": 10, "speed": 2 }));
+        assert!(m.contains("unknown key `speed`"), "{m}");
+        let m = invalid_message(json!({ "duration": 10, "steps": 10 }));
+        assert!(m.contains("unknown key `duration`"), "{m}");
+    }
+
+    #[test]
+    fn params_duration_out_of_range_or_not_integer() {
+        for bad in [
+            json!(0),
+            json!(86_400_001),
+            json!(-1),
+            json!(1.5),
+            json!(10.0),
+            json!(1e20),
+            json!("10"),
+            json!(true),
+            json!(null),
+            json!([10]),
+            json!({ "ms": 10 }),
+            json!(u64::MAX),
+        ] {
+            let m = invalid_message(json!({ "duration_ms": bad, "steps": 10 }));
+            assert!(
+                m.contains("`duration_ms` must be an integer from 1 to 86400000"),
+                "{bad}: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn params_steps_out_of_range_or_not_integer() {
+        for bad in [
+            json!(0),
+            json!(1_000_000_001),
+            json!(-5),
+            json!(2.5),
+            json!("10"),
+            json!(false),
+            json!(null),
+        ] {
+            let m = invalid_message(json!({ "duration_ms": 10, "steps": bad }));
+            assert!(
+                m.contains("`steps` must be an integer from 1 to 1000000000"),
+                "{bad}: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn params_fail_at_out_of_range_or_not_integer() {
+        for bad in [
+            json!(11),
+            json!(-1),
+            json!(1.5),
+            json!("3"),
+            json!(true),
+            json!([]),
+        ] {
+            let m = invalid_message(json!({ "duration_ms": 10, "steps": 10, "fail_at": bad }));
+            assert!(
+                m.contains("`fail_at` must be null or an integer from 0 to `steps` (10)"),
+                "{bad}: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn params_messages_show_numbers_not_bodies() {
+        let m = invalid_message(json!({ "duration_ms": 1.5, "steps": 10 }));
+        assert!(m.ends_with("got 1.5"), "{m}");
+        let m = invalid_message(json!({ "duration_ms": "x".repeat(10_000), "steps": 10 }));
+        assert!(m.ends_with("got a string"), "{m}");
+    }
+
+    #[test]
+    fn error_display() {
+        assert_eq!(
+            SimError::UnknownKind("x".into()).to_string(),
+            "unknown kind `x`: the simulator knows only `simulate`"
+        );
+        assert_eq!(
+            SimError::InvalidParams("m".into()).to_string(),
+            "invalid params: m"
+        );
+    }
+
+    // ---- bounds ----
+
+    #[test]
+    fn full_until_a_finished_task_expires() {
+        let sim = Simulator::with_limits(2, 500);
+        let a = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let _b = sim.start("simulate", &params(5000, 10), T0).unwrap();
+        assert_eq!(
+            sim.start("simulate", &params(1000, 10), T0),
+            Err(SimError::Full)
+        );
+        // `a` finishes at +1000 and is kept until +1500.
+        assert_eq!(
+            sim.start("simulate", &params(1000, 10), T0 + 1499),
+            Err(SimError::Full)
+        );
+        assert!(sim.status(&a, T0 + 1499).is_some());
+        let c = sim.start("simulate", &params(1000, 10), T0 + 1500).unwrap();
+        assert_eq!(sim.status(&a, T0 + 1500), None);
+        assert!(sim.status(&c, T0 + 1500).is_some());
+        assert_eq!(sim.stats().tasks, 2);
+        assert_eq!(sim.stats().starts, 3);
+    }
+
+    #[test]
+    fn finished_tasks_are_forgotten_after_retention() {
+        let sim = Simulator::with_limits(100, 1000);
+        let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": 2 });
+        let failed = sim.start("simulate", &p, T0).unwrap(); // ends at +200
+        let ok = sim.start("simulate", &params(1000, 10), T0).unwrap(); // ends at +1000
+        let long = sim
+            .start("simulate", &params(MAX_DURATION_MS, 10), T0)
+            .unwrap();
+        assert!(sim.status(&failed, T0 + 1199).is_some());
+        assert_eq!(sim.status(&failed, T0 + 1200), None);
+        assert!(sim.status(&ok, T0 + 1999).is_some());
+        assert_eq!(sim.cancel(&ok, T0 + 2000), None);
+        // A running task is never forgotten, however long it runs.
+        assert_eq!(
+            sim.status(&long, T0 + MAX_DURATION_MS - 1).unwrap().state,
+            Running
+        );
+        assert_eq!(sim.stats().tasks, 1);
+    }
+
+    #[test]
+    fn cancelled_tasks_are_forgotten_after_retention_from_the_cancel() {
+        let sim = Simulator::with_limits(100, 1000);
+        let id = sim
+            .start("simulate", &params(MAX_DURATION_MS, 10), T0)
+            .unwrap();
+        sim.cancel(&id, T0 + 10).unwrap();
+        assert!(sim.status(&id, T0 + 1009).is_some());
+        // Pruned by a start, not by asking for it.
+        sim.start("simulate", &params(1000, 10), T0 + 1010).unwrap();
+        assert_eq!(sim.polls_of(&id), None);
+        assert_eq!(sim.stats().tasks, 1);
+    }
+
+    #[test]
+    fn pruning_is_bounded_per_start() {
+        let sim = Simulator::with_limits(1000, 0);
+        for _ in 0..20 {
+            sim.start("simulate", &params(1, 1), T0).unwrap();
+        }
+        assert_eq!(sim.stats().tasks, 20);
+        // All 20 have expired by +1; each start drops at most PRUNE_PER_START.
+        sim.start("simulate", &params(1000, 1), T0 + 1).unwrap();
+        assert_eq!(sim.stats().tasks, (20 - PRUNE_PER_START + 1) as u64);
+        sim.start("simulate", &params(1000, 1), T0 + 1).unwrap();
+        sim.start("simulate", &params(1000, 1), T0 + 1).unwrap();
+        assert_eq!(sim.stats().tasks, 3);
+    }
+
+    // ---- counters ----
+
+    #[test]
+    fn counters() {
+        let sim = Simulator::new();
+        let a = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let b = sim.start("simulate", &params(1000, 10), T0).unwrap();
+        let _ = sim.start("nope", &params(1000, 10), T0);
+        for _ in 0..3 {
+            sim.status(&a, T0 + 1).unwrap();
+        }
+        sim.status(&b, T0 + 1).unwrap();
+        assert_eq!(sim.status("unknown", T0), None);
+        sim.cancel(&b, T0 + 2).unwrap();
+        sim.cancel(&b, T0 + 3).unwrap();
+        assert_eq!(sim.cancel("unknown", T0), None);
+        assert_eq!(sim.polls_of(&a), Some(3));
+        assert_eq!(sim.polls_of(&b), Some(1));
+        assert_eq!(
+            sim.stats(),
+            SimStats {
+                tasks: 2,
+                polls: 5,
+                starts: 2,
+                cancels: 2,
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(sim.stats()).unwrap(),
+            json!({ "tasks": 2, "polls": 5, "starts": 2, "cancels": 2 })
+        );
+        let per_task = sim.polls_per_task();
+        assert_eq!(per_task.len(), 2);
+        assert_eq!(per_task[&a], 3);
+        assert_eq!(per_task[&b], 1);
+    }
+}

@@ -1,0 +1,264 @@
+//! Test harness: a real taskwire on port 0, real WebSocket clients, and the
+//! simulator as a real separate process.
+#![allow(dead_code)]
+
+use app::protocol::{ServerMsg, Task};
+use futures::{SinkExt, StreamExt};
+use server::config::{BackendChoice, Config};
+use server::{AppState, Application};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{http, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for one expected frame before failing.
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn(config: Config) -> TestApp {
+        let app = Application::build(config).await.expect("app builds");
+        let addr = app.addr();
+        let state = app.state().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        }));
+        TestApp {
+            addr,
+            state,
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    pub async fn embedded(poll_interval_ms: u64) -> TestApp {
+        let mut config = Config::for_tests();
+        config.poll_interval_ms = poll_interval_ms;
+        Self::spawn(config).await
+    }
+
+    pub async fn with_backend(url: &str, poll_interval_ms: u64) -> TestApp {
+        let mut config = Config::for_tests();
+        config.poll_interval_ms = poll_interval_ms;
+        config.backend = BackendChoice::Http(url.to_string());
+        Self::spawn(config).await
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, None).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.handle).await;
+    }
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub session: String,
+    pub welcome: Vec<Task>,
+    /// The highest `seq` seen per task, to check it never decreases.
+    seqs: std::collections::HashMap<String, u64>,
+}
+
+impl Client {
+    /// Connects (with a session cookie if given) and reads the `welcome`.
+    pub async fn connect(addr: SocketAddr, session: Option<&str>) -> Client {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        if let Some(s) = session {
+            req.headers_mut().insert(
+                http::header::COOKIE,
+                format!("taskwire_session={s}").parse().unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws connects");
+        let mut c = Client {
+            ws,
+            session: String::new(),
+            welcome: vec![],
+            seqs: Default::default(),
+        };
+        match c.recv().await {
+            ServerMsg::Welcome {
+                protocol,
+                session,
+                tasks,
+            } => {
+                assert_eq!(protocol, 1);
+                c.session = session;
+                c.welcome = tasks;
+            }
+            other => panic!("first frame must be welcome, got {other:?}"),
+        }
+        c
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send(&mut self, v: serde_json::Value) {
+        self.send_raw(&v.to_string()).await
+    }
+
+    pub async fn send_message(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    /// The next protocol message (pings skipped).
+    pub async fn recv(&mut self) -> ServerMsg {
+        loop {
+            let frame = tokio::time::timeout(RECV_TIMEOUT, self.ws.next())
+                .await
+                .expect("a frame within the timeout")
+                .expect("connection open")
+                .expect("frame ok");
+            match frame {
+                Message::Text(t) => {
+                    let msg: ServerMsg = serde_json::from_str(t.as_str())
+                        .unwrap_or_else(|e| panic!("server sent non-protocol JSON {t}: {e}"));
+                    if let ServerMsg::Task { task } | ServerMsg::Accepted { task, .. } = &msg {
+                        let last = self.seqs.entry(task.id.clone()).or_insert(0);
+                        assert!(task.seq >= *last, "seq went back for {}", task.id);
+                        *last = task.seq;
+                    }
+                    return msg;
+                }
+                Message::Close(f) => panic!("connection closed: {f:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next raw frame, closes included.
+    pub async fn recv_frame(&mut self) -> Option<Message> {
+        tokio::time::timeout(RECV_TIMEOUT, self.ws.next())
+            .await
+            .expect("a frame within the timeout")
+            .map(|r| r.expect("frame ok"))
+    }
+
+    /// Sends `start` and returns the task of the `accepted` reply.
+    pub async fn start(&mut self, reference: &str, params: serde_json::Value) -> Task {
+        self.send(serde_json::json!({"type":"start","ref":reference,"kind":"simulate","params":params}))
+            .await;
+        loop {
+            match self.recv().await {
+                ServerMsg::Accepted { reference: r, task } if r == reference => return task,
+                ServerMsg::Error { reference: Some(r), code, message } if r == reference => {
+                    panic!("start refused: {code:?} {message}")
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads `task` messages until task `id` is final; returns every state seen.
+    pub async fn until_final(&mut self, id: &str) -> Vec<Task> {
+        let mut seen = vec![];
+        loop {
+            if let ServerMsg::Task { task } = self.recv().await {
+                if task.id == id {
+                    let fin = task.state.is_final();
+                    seen.push(task);
+                    if fin {
+                        return seen;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next error message.
+    pub async fn error(&mut self) -> (Option<String>, String) {
+        loop {
+            if let ServerMsg::Error {
+                reference, code, ..
+            } = self.recv().await
+            {
+                return (reference, code.as_str().to_string());
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// The simulator as its own process (`taskwire sim`), killed on drop.
+pub struct SimProcess {
+    child: Child,
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+impl SimProcess {
+    pub fn start() -> SimProcess {
+        Self::start_on("127.0.0.1:0")
+    }
+
+    pub fn start_on(listen: &str) -> SimProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
+            .args(["sim", "--listen", listen])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("taskwire sim starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("simulator printed its address")
+                .expect("readable stdout");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.trim().parse::<SocketAddr>().expect("an address");
+            }
+        };
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        SimProcess {
+            child,
+            url: format!("http://{addr}"),
+            addr,
+        }
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/stats", self.url))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
