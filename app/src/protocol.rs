@@ -267,3 +267,128 @@ impl ServerMsg {
 pub struct TaskMsgRef<'a> {
     pub task: &'a Task,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn task_json() -> Value {
+        json!({
+            "id": "t1", "kind": "simulate", "state": "running", "done": 3, "total": 100,
+            "message": null, "result": null, "error": null, "seq": 4,
+            "created_ms": 1_700_000_000_000u64, "updated_ms": 1_700_000_000_500u64
+        })
+    }
+
+    /// Parses the contract's JSON, re-serialises it and gets the same JSON.
+    fn round_trip_server(v: Value) {
+        let msg: ServerMsg = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&msg).unwrap(), v);
+    }
+
+    #[test]
+    fn server_messages_round_trip_as_in_the_contract() {
+        round_trip_server(json!({"type":"welcome","protocol":1,"session":"abc","tasks":[task_json()]}));
+        round_trip_server(json!({"type":"task","task":task_json()}));
+        round_trip_server(json!({"type":"accepted","ref":"r1","task":task_json()}));
+        round_trip_server(json!({"type":"error","ref":"r1","code":"not_found","message":"no such task"}));
+        round_trip_server(json!({"type":"error","ref":null,"code":"bad_request","message":"x"}));
+        let mut done = task_json();
+        done["state"] = json!("succeeded");
+        done["result"] = json!({"steps": 100});
+        done["total"] = json!(null);
+        round_trip_server(json!({"type":"task","task":done}));
+    }
+
+    #[test]
+    fn every_error_code_and_state_is_spelled_as_in_the_contract() {
+        for (code, text) in [
+            (ErrorCode::BadRequest, "bad_request"),
+            (ErrorCode::UnknownKind, "unknown_kind"),
+            (ErrorCode::InvalidParams, "invalid_params"),
+            (ErrorCode::NotFound, "not_found"),
+            (ErrorCode::RateLimited, "rate_limited"),
+            (ErrorCode::TooManyTasks, "too_many_tasks"),
+            (ErrorCode::BackendUnavailable, "backend_unavailable"),
+            (ErrorCode::Internal, "internal"),
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(text));
+            assert_eq!(code.as_str(), text);
+        }
+        for s in TaskState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+        }
+    }
+
+    #[test]
+    fn the_borrowing_task_message_is_the_same_json() {
+        let task: Task = serde_json::from_value(task_json()).unwrap();
+        assert_eq!(
+            serde_json::to_string(&TaskMsgRef { task: &task }).unwrap(),
+            ServerMsg::Task { task }.to_json()
+        );
+    }
+
+    #[test]
+    fn client_messages_round_trip_as_in_the_contract() {
+        for v in [
+            json!({"type":"start","ref":"r1","kind":"simulate","params":{"duration_ms":1000,"steps":10,"fail_at":null}}),
+            json!({"type":"subscribe","task":"t1"}),
+            json!({"type":"unsubscribe","task":"t1"}),
+            json!({"type":"cancel","ref":"r2","task":"t1"}),
+            json!({"type":"cancel","task":"t1"}),
+        ] {
+            let msg = ClientMsg::parse(&v.to_string()).unwrap();
+            assert_eq!(serde_json::to_value(&msg).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let msg = ClientMsg::parse(r#"{"type":"subscribe","task":"t1","extra":[1]}"#).unwrap();
+        assert_eq!(msg, ClientMsg::Subscribe { task: "t1".into() });
+    }
+
+    fn rejected(text: &str) -> (Option<String>, ErrorCode) {
+        let r = ClientMsg::parse(text).expect_err(text);
+        (r.reference, r.code)
+    }
+
+    #[test]
+    fn what_the_contract_calls_bad_request_is_refused_with_the_right_ref() {
+        use ErrorCode::BadRequest as B;
+        let r = |s: &str| Some(s.to_string());
+        assert_eq!(rejected("not json"), (None, B));
+        assert_eq!(rejected(""), (None, B));
+        assert_eq!(rejected("42"), (None, B));
+        assert_eq!(rejected(r#"{"ref":"a"}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":7,"ref":"a"}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":"explode","ref":"a"}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":"start","ref":"a","params":{}}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":"start","ref":"a","kind":"k"}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":"start","ref":"a","kind":"k","params":1}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":"start","ref":"a","kind":"","params":{}}"#), (r("a"), B));
+        assert_eq!(rejected(r#"{"type":"start","kind":"k","params":{}}"#), (None, B));
+        assert_eq!(rejected(r#"{"type":"subscribe"}"#), (None, B));
+        assert_eq!(rejected(r#"{"type":"subscribe","task":""}"#), (None, B));
+        assert_eq!(rejected(r#"{"type":"cancel","ref":"c","task":5}"#), (r("c"), B));
+        // An invalid ref is itself refused, with ref null.
+        assert_eq!(rejected(r#"{"type":"cancel","ref":5,"task":"t"}"#), (None, B));
+        let long = format!(r#"{{"type":"cancel","ref":"{}","task":"t"}}"#, "x".repeat(65));
+        assert_eq!(rejected(&long), (None, B));
+        let ok = format!(r#"{{"type":"cancel","ref":"{}","task":"t"}}"#, "é".repeat(64));
+        assert!(ClientMsg::parse(&ok).is_ok(), "64 characters, more bytes, is fine");
+    }
+
+    #[test]
+    fn percent_is_whole_and_bounded() {
+        let mut t: Task = serde_json::from_value(task_json()).unwrap();
+        assert_eq!(t.percent(), Some(3));
+        t.total = None;
+        assert_eq!(t.percent(), None);
+        t.total = Some(3);
+        t.done = 5;
+        assert_eq!(t.percent(), Some(100));
+    }
+}
