@@ -63,15 +63,17 @@ fn on_message(page: PageState, text: &str) -> bool {
             return true;
         }
         ServerMsg::Task { task } | ServerMsg::Accepted { task, .. } => upsert(page, task),
-        ServerMsg::Error {
-            code, message, ..
-        } => page.start_error.set(Some(format!("{}: {message}", code.as_str()))),
+        ServerMsg::Error { code, message, .. } => page
+            .start_error
+            .set(Some(format!("{}: {message}", code.as_str()))),
     }
     false
 }
 
 fn upsert(page: PageState, task: Task) {
-    let changed = page.tasks.try_update_untracked(|list| store::upsert(list, task));
+    let changed = page
+        .tasks
+        .try_update_untracked(|list| store::upsert(list, task));
     if changed == Some(true) {
         page.tasks.notify();
     }

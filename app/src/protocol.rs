@@ -73,7 +73,11 @@ impl Task {
     /// Progress in whole percent (0..=100), `None` while `total` is unknown.
     pub fn percent(&self) -> Option<u8> {
         match self.total {
-            Some(0) => Some(if self.state == TaskState::Succeeded { 100 } else { 0 }),
+            Some(0) => Some(if self.state == TaskState::Succeeded {
+                100
+            } else {
+                0
+            }),
             Some(total) => Some((self.done.min(total) * 100 / total) as u8),
             None if self.state == TaskState::Succeeded => Some(100),
             None => None,
@@ -203,7 +207,10 @@ impl ClientMsg {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| Rejection::bad_request(None, format!("malformed JSON: {e}")))?;
         let Value::Object(object) = &value else {
-            return Err(Rejection::bad_request(None, "a message must be a JSON object"));
+            return Err(Rejection::bad_request(
+                None,
+                "a message must be a JSON object",
+            ));
         };
         let reference = match object.get("ref") {
             None | Some(Value::Null) => None,
@@ -223,7 +230,8 @@ impl ClientMsg {
         }
         let msg: ClientMsg = serde_json::from_value(value)
             .map_err(|e| Rejection::bad_request(reference.clone(), e.to_string()))?;
-        msg.validate().map_err(|m| Rejection::bad_request(reference, m))?;
+        msg.validate()
+            .map_err(|m| Rejection::bad_request(reference, m))?;
         Ok(msg)
     }
 
@@ -289,10 +297,14 @@ mod tests {
 
     #[test]
     fn server_messages_round_trip_as_in_the_contract() {
-        round_trip_server(json!({"type":"welcome","protocol":1,"session":"abc","tasks":[task_json()]}));
+        round_trip_server(
+            json!({"type":"welcome","protocol":1,"session":"abc","tasks":[task_json()]}),
+        );
         round_trip_server(json!({"type":"task","task":task_json()}));
         round_trip_server(json!({"type":"accepted","ref":"r1","task":task_json()}));
-        round_trip_server(json!({"type":"error","ref":"r1","code":"not_found","message":"no such task"}));
+        round_trip_server(
+            json!({"type":"error","ref":"r1","code":"not_found","message":"no such task"}),
+        );
         round_trip_server(json!({"type":"error","ref":null,"code":"bad_request","message":"x"}));
         let mut done = task_json();
         done["state"] = json!("succeeded");
@@ -365,20 +377,50 @@ mod tests {
         assert_eq!(rejected(r#"{"ref":"a"}"#), (r("a"), B));
         assert_eq!(rejected(r#"{"type":7,"ref":"a"}"#), (r("a"), B));
         assert_eq!(rejected(r#"{"type":"explode","ref":"a"}"#), (r("a"), B));
-        assert_eq!(rejected(r#"{"type":"start","ref":"a","params":{}}"#), (r("a"), B));
-        assert_eq!(rejected(r#"{"type":"start","ref":"a","kind":"k"}"#), (r("a"), B));
-        assert_eq!(rejected(r#"{"type":"start","ref":"a","kind":"k","params":1}"#), (r("a"), B));
-        assert_eq!(rejected(r#"{"type":"start","ref":"a","kind":"","params":{}}"#), (r("a"), B));
-        assert_eq!(rejected(r#"{"type":"start","kind":"k","params":{}}"#), (None, B));
+        assert_eq!(
+            rejected(r#"{"type":"start","ref":"a","params":{}}"#),
+            (r("a"), B)
+        );
+        assert_eq!(
+            rejected(r#"{"type":"start","ref":"a","kind":"k"}"#),
+            (r("a"), B)
+        );
+        assert_eq!(
+            rejected(r#"{"type":"start","ref":"a","kind":"k","params":1}"#),
+            (r("a"), B)
+        );
+        assert_eq!(
+            rejected(r#"{"type":"start","ref":"a","kind":"","params":{}}"#),
+            (r("a"), B)
+        );
+        assert_eq!(
+            rejected(r#"{"type":"start","kind":"k","params":{}}"#),
+            (None, B)
+        );
         assert_eq!(rejected(r#"{"type":"subscribe"}"#), (None, B));
         assert_eq!(rejected(r#"{"type":"subscribe","task":""}"#), (None, B));
-        assert_eq!(rejected(r#"{"type":"cancel","ref":"c","task":5}"#), (r("c"), B));
+        assert_eq!(
+            rejected(r#"{"type":"cancel","ref":"c","task":5}"#),
+            (r("c"), B)
+        );
         // An invalid ref is itself refused, with ref null.
-        assert_eq!(rejected(r#"{"type":"cancel","ref":5,"task":"t"}"#), (None, B));
-        let long = format!(r#"{{"type":"cancel","ref":"{}","task":"t"}}"#, "x".repeat(65));
+        assert_eq!(
+            rejected(r#"{"type":"cancel","ref":5,"task":"t"}"#),
+            (None, B)
+        );
+        let long = format!(
+            r#"{{"type":"cancel","ref":"{}","task":"t"}}"#,
+            "x".repeat(65)
+        );
         assert_eq!(rejected(&long), (None, B));
-        let ok = format!(r#"{{"type":"cancel","ref":"{}","task":"t"}}"#, "é".repeat(64));
-        assert!(ClientMsg::parse(&ok).is_ok(), "64 characters, more bytes, is fine");
+        let ok = format!(
+            r#"{{"type":"cancel","ref":"{}","task":"t"}}"#,
+            "é".repeat(64)
+        );
+        assert!(
+            ClientMsg::parse(&ok).is_ok(),
+            "64 characters, more bytes, is fine"
+        );
     }
 
     #[test]

@@ -51,12 +51,16 @@ pub fn App() -> impl IntoView {
         let tx = std::sync::Mutex::new(tx);
         let send = Callback::new(move |msg: ClientMsg| {
             if page.conn.get_untracked() != ConnState::Connected {
-                page.start_error.set(Some("not connected to the server; retrying".into()));
+                page.start_error
+                    .set(Some("not connected to the server; retrying".into()));
                 return;
             }
-            let sent = tx.lock().map(|mut tx| tx.try_send(msg.to_json()).is_ok());
-            if sent != Ok(true) {
-                page.start_error.set(Some("too many requests waiting; try again".into()));
+            let sent = tx
+                .lock()
+                .is_ok_and(|mut tx| tx.try_send(msg.to_json()).is_ok());
+            if !sent {
+                page.start_error
+                    .set(Some("too many requests waiting; try again".into()));
             }
         });
         (send, Some(rx))
@@ -97,7 +101,11 @@ fn ConnIndicator(conn: RwSignal<ConnState>) -> impl IntoView {
 }
 
 /// The `simulate` params the form describes, or what is wrong with them.
-pub fn simulate_params(duration_ms: &str, steps: &str, fail_at: &str) -> Result<serde_json::Value, String> {
+pub fn simulate_params(
+    duration_ms: &str,
+    steps: &str,
+    fail_at: &str,
+) -> Result<serde_json::Value, String> {
     let duration_ms: u64 = duration_ms
         .trim()
         .parse()
@@ -131,7 +139,11 @@ fn StartForm(send: Callback<ClientMsg>, error: RwSignal<Option<String>>) -> impl
 
     let on_submit = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
-        match simulate_params(&duration.get_untracked(), &steps.get_untracked(), &fail_at.get_untracked()) {
+        match simulate_params(
+            &duration.get_untracked(),
+            &steps.get_untracked(),
+            &fail_at.get_untracked(),
+        ) {
             Err(e) => error.set(Some(e)),
             Ok(params) => {
                 error.set(None);
@@ -193,7 +205,8 @@ fn TaskCard(id: String, tasks: RwSignal<Vec<Task>>, send: Callback<ClientMsg>) -
         let id = id.clone();
         Memo::new(move |_| tasks.with(|ts| ts.iter().find(|t| t.id == id).cloned()))
     };
-    let state = Memo::new(move |_| task.with(|t| t.as_ref().map_or(TaskState::Queued, |t| t.state)));
+    let state =
+        Memo::new(move |_| task.with(|t| t.as_ref().map_or(TaskState::Queued, |t| t.state)));
     let pct = Memo::new(move |_| task.with(|t| t.as_ref().and_then(Task::percent)));
     let field = move |f: fn(&Task) -> Option<String>| move || task.with(|t| t.as_ref().and_then(f));
     let message = field(|t| t.message.clone());

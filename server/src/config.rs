@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "taskwire", version, about = "Live progress of long-running tasks, brokered over WebSocket")]
+#[command(
+    name = "taskwire",
+    version,
+    about = "Live progress of long-running tasks, brokered over WebSocket"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

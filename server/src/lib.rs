@@ -98,16 +98,19 @@ impl Application {
             config.max_concurrent_polls as usize,
         );
 
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
             .map_err(|source| StartupError::Listen {
                 addr: config.listen,
                 source,
             })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Listen {
-            addr: config.listen,
-            source,
-        })?;
 
         let mut leptos_options = leptos::config::get_configuration(None)
             .map(|c| c.leptos_options)
@@ -148,7 +151,10 @@ impl Application {
 
     /// Serves until `shutdown` completes: then stops accepting, closes every
     /// WebSocket with 1012, and lets the polls in flight finish.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let scheduler = tokio::spawn(self.scheduler.run(stop_rx));
         let hub = self.state.hub.clone();

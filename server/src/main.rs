@@ -7,7 +7,9 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -32,7 +34,15 @@ async fn run(config: server::config::Config) -> Result<(), Box<dyn std::error::E
 
 async fn run_sim(listen: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!("task-service simulator listening on http://{}", listener.local_addr()?);
-    sim::http::serve(listener, Arc::new(sim::Simulator::new()), server::shutdown_signal()).await?;
+    tracing::info!(
+        "task-service simulator listening on http://{}",
+        listener.local_addr()?
+    );
+    sim::http::serve(
+        listener,
+        Arc::new(sim::Simulator::new()),
+        server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

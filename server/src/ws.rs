@@ -183,7 +183,13 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
     }
 }
 
-async fn start(state: &AppState, conn: &Conn, reference: String, kind: &str, params: &serde_json::Value) {
+async fn start(
+    state: &AppState,
+    conn: &Conn,
+    reference: String,
+    kind: &str,
+    params: &serde_json::Value,
+) {
     match state.backend.start(kind, params).await {
         Ok(backend_id) => {
             let task = state.hub.create_task(conn, reference, kind, &backend_id);
@@ -193,16 +199,24 @@ async fn start(state: &AppState, conn: &Conn, reference: String, kind: &str, par
     }
 }
 
-async fn cancel(state: &AppState, conn: &Conn, reference: Option<String>, task: &str, backend_id: &str) {
+async fn cancel(
+    state: &AppState,
+    conn: &Conn,
+    reference: Option<String>,
+    task: &str,
+    backend_id: &str,
+) {
     let policy = &state.policy;
     match state.backend.cancel(backend_id).await {
         Ok(status) => {
             state.hub.apply_status(task, &status, policy);
         }
         Err(BackendError::NotFound) => {
-            state
-                .hub
-                .fail(task, "the task service no longer knows this task".into(), policy);
+            state.hub.fail(
+                task,
+                "the task service no longer knows this task".into(),
+                policy,
+            );
         }
         Err(e) => return reply(conn, backend_error(reference, e)),
     }
@@ -210,7 +224,11 @@ async fn cancel(state: &AppState, conn: &Conn, reference: Option<String>, task: 
 }
 
 fn not_found(reference: Option<String>, task: &str) -> ServerMsg {
-    ServerMsg::error(reference, ErrorCode::NotFound, format!("no task `{task}` in this session"))
+    ServerMsg::error(
+        reference,
+        ErrorCode::NotFound,
+        format!("no task `{task}` in this session"),
+    )
 }
 
 fn busy(reference: Option<String>) -> ServerMsg {

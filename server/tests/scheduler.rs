@@ -29,7 +29,12 @@ fn rig(poll_interval_ms: u64, retention_ms: u64) -> Rig {
         give_up_ms: 300_000,
         retention_ms,
     };
-    let (scheduler, handle) = Scheduler::new(hub.clone(), Backend::embedded(sim.clone(), clock), policy, 64);
+    let (scheduler, handle) = Scheduler::new(
+        hub.clone(),
+        Backend::embedded(sim.clone(), clock),
+        policy,
+        64,
+    );
     let (stop, rx) = watch::channel(false);
     tokio::spawn(scheduler.run(rx));
     Rig {
@@ -43,7 +48,10 @@ fn rig(poll_interval_ms: u64, retention_ms: u64) -> Rig {
 
 impl Rig {
     async fn start(&self, conn: &Conn, params: serde_json::Value) -> (Arc<str>, String) {
-        let bid = self.sim.start("simulate", &params, self.clock.now_ms()).unwrap();
+        let bid = self
+            .sim
+            .start("simulate", &params, self.clock.now_ms())
+            .unwrap();
         let id = self.hub.create_task(conn, "r".into(), "simulate", &bid);
         self.handle.poll(id.clone(), Duration::ZERO).await;
         (id, bid)
@@ -63,7 +71,12 @@ async fn a_ten_second_task_is_polled_once_per_tick_then_never_again() {
     let r = rig(500, 600_000);
     let (session, _) = r.hub.resolve_session(None);
     let conn = r.hub.connect(session);
-    let (id, bid) = r.start(&conn, serde_json::json!({"duration_ms": 10_000, "steps": 100})).await;
+    let (id, bid) = r
+        .start(
+            &conn,
+            serde_json::json!({"duration_ms": 10_000, "steps": 100}),
+        )
+        .await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     // At 0, 500, ..., 10 000 ms: 21 polls; the last saw `succeeded`.
     assert_eq!(r.sim.polls_of(&bid), Some(21));
@@ -82,7 +95,11 @@ async fn an_unread_connection_gets_the_newest_state_only() {
     let r = rig(100, 600_000);
     let (session, _) = r.hub.resolve_session(None);
     let conn = r.hub.connect(session);
-    r.start(&conn, serde_json::json!({"duration_ms": 5_000, "steps": 50})).await;
+    r.start(
+        &conn,
+        serde_json::json!({"duration_ms": 5_000, "steps": 50}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     // 50 state changes happened; the unread outbox holds one frame per task
     // besides the replies, and it is the final one.
@@ -97,7 +114,12 @@ async fn a_task_cancelled_at_the_service_stops_being_polled() {
     let r = rig(500, 600_000);
     let (session, _) = r.hub.resolve_session(None);
     let conn = r.hub.connect(session);
-    let (id, bid) = r.start(&conn, serde_json::json!({"duration_ms": 60_000, "steps": 100})).await;
+    let (id, bid) = r
+        .start(
+            &conn,
+            serde_json::json!({"duration_ms": 60_000, "steps": 100}),
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     r.sim.cancel(&bid, r.clock.now_ms()).unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -111,12 +133,17 @@ async fn a_task_the_service_forgot_fails_with_a_clear_error() {
     let r = rig(500, 600_000);
     let (session, _) = r.hub.resolve_session(None);
     let conn = r.hub.connect(session);
-    let id = r.hub.create_task(&conn, "r".into(), "simulate", "never-started");
+    let id = r
+        .hub
+        .create_task(&conn, "r".into(), "simulate", "never-started");
     r.handle.poll(id.clone(), Duration::ZERO).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let task = r.hub.task(&id).unwrap();
     assert_eq!(task.state, TaskState::Failed);
-    assert_eq!(task.error.as_deref(), Some("the task service no longer knows this task"));
+    assert_eq!(
+        task.error.as_deref(),
+        Some("the task service no longer knows this task")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -124,7 +151,12 @@ async fn finished_tasks_and_empty_sessions_are_forgotten_after_the_retention() {
     let r = rig(500, 60_000);
     let (session, _) = r.hub.resolve_session(None);
     let conn = r.hub.connect(session.clone());
-    let (id, _) = r.start(&conn, serde_json::json!({"duration_ms": 1_000, "steps": 10})).await;
+    let (id, _) = r
+        .start(
+            &conn,
+            serde_json::json!({"duration_ms": 1_000, "steps": 10}),
+        )
+        .await;
     if let Some(s) = r.hub.disconnect(&conn) {
         r.handle.expire_session(s, Duration::from_secs(60)).await;
     }

@@ -51,9 +51,7 @@ impl HttpBackend {
             .await
             .map_err(transport)?;
         match resp.status() {
-            StatusCode::CREATED | StatusCode::OK => {
-                Ok(read_json::<StartResponse>(resp).await?.id)
-            }
+            StatusCode::CREATED | StatusCode::OK => Ok(read_json::<StartResponse>(resp).await?.id),
             StatusCode::BAD_REQUEST => {
                 let reject: RejectBody = read_json(resp).await?;
                 Err(BackendError::Rejected {
@@ -142,7 +140,10 @@ fn unexpected(resp: Response) -> BackendError {
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(resp: Response) -> Result<T, BackendError> {
-    if resp.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+    {
         return Err(BackendError::Protocol("response body too large".into()));
     }
     let bytes = resp.bytes().await.map_err(transport)?;

@@ -65,17 +65,18 @@ impl Backend {
     ) -> Result<String, BackendError> {
         match self {
             Backend::Embedded { sim, clock } => {
-                sim.start(kind, params, clock.now_ms()).map_err(|e| match e {
-                    SimError::UnknownKind(_) => BackendError::Rejected {
-                        code: ErrorCode::UnknownKind,
-                        message: e.to_string(),
-                    },
-                    SimError::InvalidParams(_) => BackendError::Rejected {
-                        code: ErrorCode::InvalidParams,
-                        message: e.to_string(),
-                    },
-                    SimError::Full => BackendError::unavailable(e.to_string()),
-                })
+                sim.start(kind, params, clock.now_ms())
+                    .map_err(|e| match e {
+                        SimError::UnknownKind(_) => BackendError::Rejected {
+                            code: ErrorCode::UnknownKind,
+                            message: e.to_string(),
+                        },
+                        SimError::InvalidParams(_) => BackendError::Rejected {
+                            code: ErrorCode::InvalidParams,
+                            message: e.to_string(),
+                        },
+                        SimError::Full => BackendError::unavailable(e.to_string()),
+                    })
             }
             Backend::Http(h) => h.start(kind, params).await,
         }

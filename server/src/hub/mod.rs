@@ -104,7 +104,9 @@ fn random_hex(bytes: usize) -> String {
 
 /// A well-formed session token: 32 lowercase hex chars (128 random bits).
 fn is_token(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Hub {
@@ -241,7 +243,11 @@ impl Hub {
     /// Subscribes `conn` to a task of its session and queues the current state.
     pub fn subscribe(&self, conn: &Conn, task_id: &str) -> Result<(), NotFound> {
         let mut s = self.lock();
-        let t = s.tasks.get_mut(task_id).filter(|t| t.session == conn.session).ok_or(NotFound)?;
+        let t = s
+            .tasks
+            .get_mut(task_id)
+            .filter(|t| t.session == conn.session)
+            .ok_or(NotFound)?;
         if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
             t.subscribers.push((conn.id, conn.outbox.clone()));
         }
@@ -254,7 +260,11 @@ impl Hub {
     /// (`unsubscribe` has no reply).
     pub fn unsubscribe(&self, conn: &Conn, task_id: &str) {
         let mut s = self.lock();
-        if let Some(t) = s.tasks.get_mut(task_id).filter(|t| t.session == conn.session) {
+        if let Some(t) = s
+            .tasks
+            .get_mut(task_id)
+            .filter(|t| t.session == conn.session)
+        {
             t.subscribers.retain(|(c, _)| *c != conn.id);
         }
     }
@@ -263,7 +273,11 @@ impl Hub {
     /// queued to the caller right away.
     pub fn cancel_target(&self, conn: &Conn, task_id: &str) -> Result<CancelTarget, NotFound> {
         let s = self.lock();
-        let t = s.tasks.get(task_id).filter(|t| t.session == conn.session).ok_or(NotFound)?;
+        let t = s
+            .tasks
+            .get(task_id)
+            .filter(|t| t.session == conn.session)
+            .ok_or(NotFound)?;
         if t.task.state.is_final() {
             conn.outbox
                 .push_update(&Arc::from(task_id), t.task.seq, t.frame.clone());
@@ -295,7 +309,10 @@ impl Hub {
 
     /// Whether the hub still holds this task and it is final.
     pub fn is_final(&self, task_id: &str) -> Option<bool> {
-        self.lock().tasks.get(task_id).map(|t| t.task.state.is_final())
+        self.lock()
+            .tasks
+            .get(task_id)
+            .map(|t| t.task.state.is_final())
     }
 
     /// Applies a status the task service reported. A final task never
@@ -407,7 +424,10 @@ impl Hub {
     /// expiry was scheduled.
     pub fn expire_session(&self, session: &str) {
         let mut s = self.lock();
-        if s.sessions.get(session).is_some_and(|e| e.conns == 0 && e.tasks.is_empty()) {
+        if s.sessions
+            .get(session)
+            .is_some_and(|e| e.conns == 0 && e.tasks.is_empty())
+        {
             s.sessions.remove(session);
         }
     }
@@ -424,7 +444,11 @@ impl Hub {
         HubCounts {
             sessions: s.sessions.len(),
             tasks: s.tasks.len(),
-            live_tasks: s.tasks.values().filter(|t| !t.task.state.is_final()).count(),
+            live_tasks: s
+                .tasks
+                .values()
+                .filter(|t| !t.task.state.is_final())
+                .count(),
             connections: s.conns.len(),
             subscriptions: s.tasks.values().map(|t| t.subscribers.len()).sum(),
         }

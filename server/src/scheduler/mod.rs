@@ -51,7 +51,10 @@ pub struct SchedulerStats {
 impl SchedulerHandle {
     /// Polls `task` after `delay` (0: at once). Call once per new task.
     pub async fn poll(&self, task: Arc<str>, delay: Duration) {
-        let _ = self.tx.send(Command::Schedule(Job::Poll(task), delay)).await;
+        let _ = self
+            .tx
+            .send(Command::Schedule(Job::Poll(task), delay))
+            .await;
     }
 
     /// Forgets `session` after `delay` if it still has no task and no connection.
@@ -162,7 +165,8 @@ impl Scheduler {
                 let policy = self.policy.clone();
                 let stats = self.stats.clone();
                 in_flight.spawn(async move {
-                    let decision = poll_once(&hub, &backend, &policy, &stats, &task, &backend_id).await;
+                    let decision =
+                        poll_once(&hub, &backend, &policy, &stats, &task, &backend_id).await;
                     (task, decision)
                 });
             }

@@ -80,8 +80,14 @@ mod tests {
 
     #[test]
     fn live_tasks_poll_at_the_interval_and_final_ones_expire() {
-        assert_eq!(policy().after_success(false), Decision::Poll(Duration::from_millis(500)));
-        assert_eq!(policy().after_success(true), Decision::Expire(Duration::from_secs(600)));
+        assert_eq!(
+            policy().after_success(false),
+            Decision::Poll(Duration::from_millis(500))
+        );
+        assert_eq!(
+            policy().after_success(true),
+            Decision::Expire(Duration::from_secs(600))
+        );
     }
 
     #[test]
@@ -92,7 +98,10 @@ mod tests {
                 d => panic!("{d:?}"),
             })
             .collect();
-        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        assert_eq!(
+            delays,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
     }
 
     #[test]

@@ -86,7 +86,9 @@ impl Client {
                 format!("taskwire_session={s}").parse().unwrap(),
             );
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws connects");
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("ws connects");
         let mut c = Client {
             ws,
             session: String::new(),
@@ -155,12 +157,18 @@ impl Client {
 
     /// Sends `start` and returns the task of the `accepted` reply.
     pub async fn start(&mut self, reference: &str, params: serde_json::Value) -> Task {
-        self.send(serde_json::json!({"type":"start","ref":reference,"kind":"simulate","params":params}))
-            .await;
+        self.send(
+            serde_json::json!({"type":"start","ref":reference,"kind":"simulate","params":params}),
+        )
+        .await;
         loop {
             match self.recv().await {
                 ServerMsg::Accepted { reference: r, task } if r == reference => return task,
-                ServerMsg::Error { reference: Some(r), code, message } if r == reference => {
+                ServerMsg::Error {
+                    reference: Some(r),
+                    code,
+                    message,
+                } if r == reference => {
                     panic!("start refused: {code:?} {message}")
                 }
                 _ => continue,
