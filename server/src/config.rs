@@ -53,6 +53,12 @@ impl std::str::FromStr for BackendChoice {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PollMode {
+    Adaptive,
+    Fixed,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address the web server listens on.
@@ -67,6 +73,16 @@ pub struct Config {
     #[arg(long, env = "TASKWIRE_POLL_INTERVAL_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub poll_interval_ms: u64,
+
+    /// `adaptive`: poll sooner when a step or the end is due, with jitter
+    /// (the interval stays the ceiling); `fixed`: every interval exactly.
+    #[arg(long, env = "TASKWIRE_POLL_MODE", default_value = "adaptive")]
+    pub poll_mode: PollMode,
+
+    /// With adaptive cadence, never poll a task more often than this (ms).
+    #[arg(long, env = "TASKWIRE_POLL_MIN_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub poll_min_ms: u64,
 
     /// Polls in flight at once, over all tasks.
     #[arg(long, env = "TASKWIRE_MAX_CONCURRENT_POLLS", default_value_t = 512,

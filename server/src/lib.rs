@@ -87,6 +87,8 @@ impl Application {
         };
         let policy = PollPolicy {
             poll_interval_ms: config.poll_interval_ms,
+            poll_min_ms: config.poll_min_ms,
+            adaptive: config.poll_mode == config::PollMode::Adaptive,
             give_up_ms: config.backend_give_up_s.saturating_mul(1000),
             retention_ms: config.retention_s.saturating_mul(1000),
         };

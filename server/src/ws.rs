@@ -209,7 +209,7 @@ async fn cancel(
     let policy = &state.policy;
     match state.backend.cancel(backend_id).await {
         Ok(status) => {
-            state.hub.apply_status(task, &status, policy);
+            state.hub.apply_status(task, &status, policy, 0.0);
         }
         Err(BackendError::NotFound) => {
             state.hub.fail(

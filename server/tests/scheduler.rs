@@ -26,6 +26,8 @@ fn rig(poll_interval_ms: u64, retention_ms: u64) -> Rig {
     let hub = Hub::new(clock);
     let policy = PollPolicy {
         poll_interval_ms,
+        poll_min_ms: 100,
+        adaptive: false,
         give_up_ms: 300_000,
         retention_ms,
     };

@@ -6,7 +6,7 @@ pub mod outbox;
 
 use crate::backend::Status;
 use crate::clock::Clock;
-use crate::scheduler::policy::{Decision, PollPolicy};
+use crate::scheduler::policy::{Decision, Observed, PollPolicy};
 use app::protocol::{ServerMsg, Task, TaskMsgRef, TaskState, PROTOCOL_VERSION};
 use axum::extract::ws::Utf8Bytes;
 pub use outbox::{CloseReason, Next, Outbox};
@@ -54,6 +54,9 @@ struct TaskEntry {
     backend_id: Arc<str>,
     subscribers: Vec<(ConnId, Arc<Outbox>)>,
     outage: Option<Outage>,
+    /// The first `(done, changed_at_ms)` the task service reported: the
+    /// adaptive cadence measures the rate of progress from it.
+    first_seen: Option<(u64, u64)>,
 }
 
 struct Outage {
@@ -235,6 +238,7 @@ impl Hub {
                 backend_id: backend_id.into(),
                 subscribers: vec![(conn.id, conn.outbox.clone())],
                 outage: None,
+                first_seen: None,
             },
         );
         id
@@ -315,14 +319,25 @@ impl Hub {
             .map(|t| t.task.state.is_final())
     }
 
-    /// Applies a status the task service reported. A final task never
-    /// changes again; an unchanged status sends nothing.
-    pub fn apply_status(&self, task_id: &str, status: &Status, policy: &PollPolicy) -> Decision {
+    /// Applies a status the task service reported, and says when to poll
+    /// next (`jitter` uniform in [0, 1)). A final task never changes again;
+    /// an unchanged status sends nothing.
+    pub fn apply_status(
+        &self,
+        task_id: &str,
+        status: &Status,
+        policy: &PollPolicy,
+        jitter: f64,
+    ) -> Decision {
+        let now = self.now_ms();
         let mut s = self.lock();
         let Some(t) = s.tasks.get_mut(task_id) else {
             return Decision::Drop;
         };
         t.outage = None;
+        let (first_done, first_changed_at_ms) = *t
+            .first_seen
+            .get_or_insert((status.done, status.changed_at_ms));
         if !t.task.state.is_final() {
             let next = Task {
                 state: status.state,
@@ -338,7 +353,17 @@ impl Hub {
                 publish(t, next);
             }
         }
-        policy.after_success(t.task.state.is_final())
+        if t.task.state.is_final() {
+            return policy.after_success(true);
+        }
+        let seen = Observed {
+            done: t.task.done,
+            total: t.task.total,
+            changed_at_ms: t.task.updated_ms,
+            first_done,
+            first_changed_at_ms,
+        };
+        Decision::Poll(policy.next_poll(&seen, now, jitter))
     }
 
     /// Records a failed poll: the task keeps its state and says, in

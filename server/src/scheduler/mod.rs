@@ -80,6 +80,8 @@ pub struct Scheduler {
     queue: DelayQueue<Job>,
     /// The queue key of each job, so a task never has two entries.
     keys: HashMap<Job, delay_queue::Key>,
+    /// xorshift64 state for cadence jitter (no need for a crypto RNG).
+    rng: u64,
 }
 
 impl Scheduler {
@@ -100,6 +102,7 @@ impl Scheduler {
             stats: stats.clone(),
             queue: DelayQueue::new(),
             keys: HashMap::new(),
+            rng: seed(),
         };
         (scheduler, SchedulerHandle { tx, stats })
     }
@@ -164,9 +167,11 @@ impl Scheduler {
                 let backend = self.backend.clone();
                 let policy = self.policy.clone();
                 let stats = self.stats.clone();
+                let jitter = self.jitter();
                 in_flight.spawn(async move {
                     let decision =
-                        poll_once(&hub, &backend, &policy, &stats, &task, &backend_id).await;
+                        poll_once(&hub, &backend, &policy, &stats, &task, &backend_id, jitter)
+                            .await;
                     (task, decision)
                 });
             }
@@ -178,6 +183,14 @@ impl Scheduler {
             }
             Job::ExpireSession(session) => self.hub.expire_session(&session),
         }
+    }
+
+    /// Uniform in [0, 1).
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
     fn after_poll(&mut self, task: Arc<str>, decision: Decision) {
@@ -197,9 +210,10 @@ async fn poll_once(
     stats: &SchedulerStats,
     task: &str,
     backend_id: &str,
+    jitter: f64,
 ) -> Decision {
     match backend.status(backend_id).await {
-        Ok(status) => hub.apply_status(task, &status, policy),
+        Ok(status) => hub.apply_status(task, &status, policy, jitter),
         Err(BackendError::NotFound) => hub.fail(
             task,
             "the task service no longer knows this task".into(),
@@ -227,4 +241,10 @@ async fn poll_once(
             }
         }
     }
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b) | 1
 }

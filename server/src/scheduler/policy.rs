@@ -6,10 +6,20 @@ use std::time::Duration;
 /// Longest wait between two tries while the task service is unreachable.
 pub const MAX_BACKOFF_MS: u64 = 30_000;
 
+/// Fraction of a delay that jitter may take off, so tasks started together
+/// drift apart instead of polling in lock-step.
+pub const JITTER_FRACTION: f64 = 0.1;
+/// How long after a predicted change the poll lands, to be past it.
+pub const PREDICTION_MARGIN_MS: u64 = 5;
+
 #[derive(Clone, Debug)]
 pub struct PollPolicy {
-    /// Cadence of polls of a live task.
+    /// Cadence of polls of a live task; with `adaptive`, the ceiling.
     pub poll_interval_ms: u64,
+    /// With `adaptive`, never poll a task more often than this.
+    pub poll_min_ms: u64,
+    /// Poll sooner when a step or the end is due (and add jitter).
+    pub adaptive: bool,
     /// After this long unreachable, a task turns `failed`.
     pub give_up_ms: u64,
     /// How long a finished task stays listed.
@@ -29,6 +39,18 @@ pub enum Decision {
     Drop,
 }
 
+/// What the polls so far saw of a task's progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub done: u64,
+    pub total: Option<u64>,
+    /// When `done` was reached (the service's `changed_at_ms`).
+    pub changed_at_ms: u64,
+    /// The first progress seen, to measure the rate from.
+    pub first_done: u64,
+    pub first_changed_at_ms: u64,
+}
+
 impl PollPolicy {
     pub fn after_success(&self, is_final: bool) -> Decision {
         if is_final {
@@ -36,6 +58,41 @@ impl PollPolicy {
         } else {
             Decision::Poll(Duration::from_millis(self.poll_interval_ms))
         }
+    }
+
+    /// The next poll of a live task seen at `now_ms`; `jitter` is uniform in
+    /// [0, 1). Fixed: the interval. Adaptive: from the observed rate, poll
+    /// just after the next step when steps are sparser than the interval, or
+    /// just after the end when it falls within the interval; otherwise the
+    /// interval. Always within [`poll_min_ms`, `poll_interval_ms`], jitter
+    /// only ever making it sooner.
+    pub fn next_poll(&self, seen: &Observed, now_ms: u64, jitter: f64) -> Duration {
+        let ceiling = self.poll_interval_ms;
+        if !self.adaptive {
+            return Duration::from_millis(ceiling);
+        }
+        let floor = self.poll_min_ms.min(ceiling);
+        let steps = seen.done.saturating_sub(seen.first_done);
+        let span = seen.changed_at_ms.saturating_sub(seen.first_changed_at_ms);
+        let mut delay = ceiling as f64;
+        if steps > 0 && span > 0 {
+            let ms_per_step = span as f64 / steps as f64;
+            let target = if ms_per_step >= ceiling as f64 {
+                // Sparse steps: the next one is the next change worth seeing.
+                Some(seen.changed_at_ms as f64 + ms_per_step)
+            } else {
+                // Dense steps: every poll sees a change; only the end matters.
+                seen.total.map(|t| {
+                    seen.changed_at_ms as f64 + t.saturating_sub(seen.done) as f64 * ms_per_step
+                })
+            };
+            if let Some(at) = target {
+                let until = at + PREDICTION_MARGIN_MS as f64 - now_ms as f64;
+                delay = delay.min(until);
+            }
+        }
+        delay *= 1.0 - JITTER_FRACTION * jitter.clamp(0.0, 1.0);
+        Duration::from_millis(delay.clamp(floor as f64, ceiling as f64) as u64)
     }
 
     /// After the `failures`-th failed poll in a row (1-based), the outage having
@@ -73,6 +130,8 @@ mod tests {
     fn policy() -> PollPolicy {
         PollPolicy {
             poll_interval_ms: 500,
+            poll_min_ms: 100,
+            adaptive: false,
             give_up_ms: 300_000,
             retention_ms: 600_000,
         }
@@ -115,5 +174,74 @@ mod tests {
             Decision::Poll(Duration::from_secs(1))
         );
         assert_eq!(policy().after_failure(9, 300_000, None), Decision::GiveUp);
+    }
+
+    fn adaptive() -> PollPolicy {
+        PollPolicy {
+            adaptive: true,
+            ..policy()
+        }
+    }
+
+    fn seen(done: u64, total: u64, changed_at_ms: u64) -> Observed {
+        Observed {
+            done,
+            total: Some(total),
+            changed_at_ms,
+            first_done: 0,
+            first_changed_at_ms: 0,
+        }
+    }
+
+    fn ms(d: Duration) -> u64 {
+        d.as_millis() as u64
+    }
+
+    #[test]
+    fn fixed_cadence_ignores_progress_and_jitter() {
+        assert_eq!(ms(policy().next_poll(&seen(5, 100, 500), 520, 0.9)), 500);
+    }
+
+    #[test]
+    fn adaptive_without_a_rate_polls_at_the_ceiling() {
+        assert_eq!(ms(adaptive().next_poll(&seen(0, 100, 0), 10, 0.0)), 500);
+    }
+
+    #[test]
+    fn dense_steps_poll_at_the_ceiling_until_the_end_is_near() {
+        // 100 steps over 10 s: a step every 100 ms, end at 10 000.
+        assert_eq!(
+            ms(adaptive().next_poll(&seen(50, 100, 5_000), 5_020, 0.0)),
+            500
+        );
+        // At 9 700 with done 97 the end is due in ~300 ms: poll just after it.
+        assert_eq!(
+            ms(adaptive().next_poll(&seen(97, 100, 9_700), 9_710, 0.0)),
+            295
+        );
+    }
+
+    #[test]
+    fn sparse_steps_poll_just_after_the_next_one() {
+        // 10 steps over 20 s: a step every 2 s; the next after 4 000 is at 6 000.
+        assert_eq!(
+            ms(adaptive().next_poll(&seen(2, 10, 4_000), 5_700, 0.0)),
+            305
+        );
+        // Far from the next step: the ceiling.
+        assert_eq!(
+            ms(adaptive().next_poll(&seen(2, 10, 4_000), 4_100, 0.0)),
+            500
+        );
+    }
+
+    #[test]
+    fn never_below_the_floor_and_jitter_only_makes_it_sooner() {
+        assert_eq!(
+            ms(adaptive().next_poll(&seen(99, 100, 9_900), 9_990, 0.0)),
+            100
+        );
+        let d = ms(adaptive().next_poll(&seen(50, 100, 5_000), 5_020, 0.99));
+        assert!((450..500).contains(&d), "{d}");
     }
 }

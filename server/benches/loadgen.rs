@@ -1,0 +1,1073 @@
+//! Load generator: the simulator and the server as real processes, N real
+//! WebSocket clients, and a report of what the browsers saw (staleness,
+//! final states) and what it cost (CPU and memory of each process).
+//!
+//! ```sh
+//! cargo bench -p server --bench loadgen -- --clients 100 --tasks-per-client 10 \
+//!     [--duration-ms 10000] [--steps 100] [--poll-interval-ms 500] [--ramp-ms 2000] \
+//!     [--threads 2] [--json] [--server-args --max-concurrent-polls 1024 ...]
+//! ```
+//!
+//! Everything after `--server-args` is passed to the server unchanged. See
+//! `docs/benchmarks.md` for the figures and how to read them.
+
+use app::protocol::{ServerMsg, TaskState};
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+const USAGE: &str = "\
+usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...]
+  --clients N             WebSocket clients, one session each        (default 100)
+  --tasks-per-client N    simulate tasks each client starts          (default 10)
+  --duration-ms N         duration of each task                      (default 10000)
+  --steps N               steps of each task                         (default 100)
+  --poll-interval-ms N    the server's --poll-interval-ms            (default 500)
+  --ramp-ms N             all starts spread evenly over this long    (default 2000)
+  --threads N             worker threads of the load generator       (default 2)
+  --connect-concurrency N WebSocket handshakes in flight at once     (default 64)
+  --label TEXT            scenario name in the report
+  --json                  print one JSON object instead of a table
+  --server-args ARGS...   everything after this goes to the server";
+
+#[derive(Clone, Debug)]
+struct Opts {
+    clients: usize,
+    tasks_per_client: usize,
+    duration_ms: u64,
+    steps: u64,
+    poll_interval_ms: u64,
+    ramp_ms: u64,
+    threads: usize,
+    connect_concurrency: usize,
+    label: Option<String>,
+    json: bool,
+    server_args: Vec<String>,
+}
+
+impl Opts {
+    fn parse(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
+        let mut o = Opts {
+            clients: 100,
+            tasks_per_client: 10,
+            duration_ms: 10_000,
+            steps: 100,
+            poll_interval_ms: 500,
+            ramp_ms: 2_000,
+            threads: 2,
+            connect_concurrency: 64,
+            label: None,
+            json: false,
+            server_args: vec![],
+        };
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, String> {
+                inline
+                    .clone()
+                    .or_else(|| it.next())
+                    .ok_or_else(|| format!("{name} needs a value"))
+            };
+            fn num<T: std::str::FromStr>(name: &str, v: String) -> Result<T, String> {
+                v.parse()
+                    .map_err(|_| format!("{name}: `{v}` is not a valid number"))
+            }
+            match flag.as_str() {
+                // `cargo bench` passes `--bench` to every bench target.
+                "--bench" => {}
+                "--clients" => o.clients = num(&flag, value(&flag)?)?,
+                "--tasks-per-client" => o.tasks_per_client = num(&flag, value(&flag)?)?,
+                "--duration-ms" => o.duration_ms = num(&flag, value(&flag)?)?,
+                "--steps" => o.steps = num(&flag, value(&flag)?)?,
+                "--poll-interval-ms" => o.poll_interval_ms = num(&flag, value(&flag)?)?,
+                "--ramp-ms" => o.ramp_ms = num(&flag, value(&flag)?)?,
+                "--threads" => o.threads = num(&flag, value(&flag)?)?,
+                "--connect-concurrency" => o.connect_concurrency = num(&flag, value(&flag)?)?,
+                "--label" => o.label = Some(value(&flag)?),
+                "--json" => o.json = true,
+                "--server-args" => {
+                    o.server_args = it.by_ref().collect();
+                }
+                "-h" | "--help" => return Err(String::new()),
+                other => return Err(format!("unknown argument `{other}`")),
+            }
+        }
+        if o.clients == 0 || o.tasks_per_client == 0 {
+            return Err("--clients and --tasks-per-client must be at least 1".into());
+        }
+        if o.threads == 0 || o.connect_concurrency == 0 {
+            return Err("--threads and --connect-concurrency must be at least 1".into());
+        }
+        Ok(o)
+    }
+
+    fn scenario(&self) -> String {
+        let base = format!(
+            "{}c x {}t, {} ms/{} steps, poll {} ms, ramp {} ms",
+            self.clients,
+            self.tasks_per_client,
+            self.duration_ms,
+            self.steps,
+            self.poll_interval_ms,
+            self.ramp_ms
+        );
+        let base = if self.server_args.is_empty() {
+            base
+        } else {
+            format!("{base}, server {}", self.server_args.join(" "))
+        };
+        match &self.label {
+            Some(l) => format!("{l}: {base}"),
+            None => base,
+        }
+    }
+}
+
+fn main() {
+    let opts = match Opts::parse(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("loadgen: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(if e.is_empty() { 0 } else { 2 });
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(opts.clone())) {
+        Ok(report) => {
+            if opts.json {
+                println!("{}", serde_json::to_string(&report).expect("json"));
+            } else {
+                print_table(&report);
+            }
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A child process (simulator or server), killed when dropped, panics included.
+struct ChildProc {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<LogTail>,
+}
+
+/// What the drain thread kept of a child's stdout: warnings and errors.
+#[derive(Default)]
+struct LogTail {
+    warns: AtomicU64,
+    errors: AtomicU64,
+    /// The first few warning/error lines, verbatim.
+    first: Mutex<Vec<String>>,
+}
+
+impl ChildProc {
+    /// Starts `cmd`, waits for a stdout line holding `marker` followed by an
+    /// address, then keeps draining stdout in a thread.
+    fn start(name: &'static str, mut cmd: Command, marker: &'static str) -> Result<Self, String> {
+        cmd.env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the {name}: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let log = Arc::new(LogTail::default());
+        let (tx, rx) = mpsc::channel::<SocketAddr>();
+        let tail = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.is_some() {
+                    if let Some(rest) = line.split(marker).nth(1) {
+                        if let Ok(addr) = rest.trim().parse::<SocketAddr>() {
+                            let _ = tx.take().unwrap().send(addr);
+                            continue;
+                        }
+                    }
+                }
+                let warn = line.contains(" WARN ");
+                let error = line.contains(" ERROR ");
+                if warn {
+                    tail.warns.fetch_add(1, Ordering::Relaxed);
+                }
+                if error {
+                    tail.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if warn || error {
+                    let mut first = tail.first.lock().unwrap();
+                    if first.len() < 5 {
+                        first.push(line);
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the {name} did not print `{marker}ADDR` within 60 s"
+                ));
+            }
+        };
+        Ok(ChildProc {
+            child,
+            addr,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running (a crash would make every figure wrong).
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- /proc
+
+fn clock_ticks_per_s() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// VmRSS of `/proc/{pid}/status`, in KiB (`pid` may be `self`).
+fn rss_kb(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// (utime, stime) of `/proc/{pid}/stat`, in clock ticks.
+fn cpu_ticks(pid: &str) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime field 15.
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+/// (busy, total) ticks of the whole machine, from `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8) // user nice system idle iowait irq softirq steal (guest is inside user)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().sum();
+    Some((total - v[3] - v[4], total))
+}
+
+/// Polls VmRSS of the server, the simulator and this process every 200 ms.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    peaks: Arc<[AtomicU64; 3]>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(pids: [String; 3]) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peaks: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+        let (s, p) = (stop.clone(), peaks.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    if let Some(kb) = rss_kb(pid) {
+                        p[i].fetch_max(kb, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Sampler {
+            stop,
+            peaks,
+            handle: Some(handle),
+        }
+    }
+
+    /// Peak RSS in KiB: server, simulator, load generator.
+    fn finish(mut self) -> [u64; 3] {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        [0, 1, 2].map(|i| self.peaks[i].load(Ordering::Relaxed))
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Counters every client updates as it goes, for the progress line.
+#[derive(Default)]
+struct Live {
+    connected: AtomicU64,
+    connect_failed: AtomicU64,
+    accepted: AtomicU64,
+    finals: AtomicU64,
+    updates: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct ClientResult {
+    connected: bool,
+    /// Closed by the server (or the stream failed) before it was done.
+    disconnected: bool,
+    /// Every `task` message: receipt − `updated_ms`, in ms.
+    staleness: Vec<u32>,
+    /// The first final `task` message of each task: receipt − `updated_ms`.
+    final_staleness: Vec<u32>,
+    /// Messages whose `updated_ms` was ahead of the receipt (counted as 0).
+    ahead: u64,
+    updates: u64,
+    accepted: u64,
+    start_errors: u64,
+    errors: BTreeMap<String, u64>,
+    seq_regressions: u64,
+    /// Each task's last state and `done`; final or not.
+    tasks: Vec<(TaskState, u64)>,
+}
+
+struct TaskView {
+    state: TaskState,
+    done: u64,
+    seq: u64,
+}
+
+struct ClientPlan {
+    index: usize,
+    url: String,
+    opts: Arc<Opts>,
+    go: watch::Receiver<Option<Instant>>,
+    abort: watch::Receiver<bool>,
+    connect_permits: Arc<Semaphore>,
+    live: Arc<Live>,
+}
+
+async fn client(plan: ClientPlan) -> ClientResult {
+    let ClientPlan {
+        index,
+        url,
+        opts,
+        mut go,
+        mut abort,
+        connect_permits,
+        live,
+    } = plan;
+    let mut res = ClientResult::default();
+
+    // Connect (a bounded number of handshakes at once) and read `welcome`.
+    let ws = {
+        let _permit = connect_permits.acquire().await.expect("semaphore");
+        let connected = tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut ws, _) =
+                tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        return match serde_json::from_str::<ServerMsg>(t.as_str()) {
+                            Ok(ServerMsg::Welcome { .. }) => Ok(ws),
+                            other => Err(format!("first frame not welcome: {other:?}")),
+                        };
+                    }
+                    Some(Ok(Message::Close(f))) => return Err(format!("closed: {f:?}")),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err("closed before welcome".into()),
+                }
+            }
+        })
+        .await;
+        match connected {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                if live.connect_failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("loadgen: client {index} failed to connect: {e}");
+                }
+                return res;
+            }
+            Err(_) => {
+                if live.connect_failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("loadgen: client {index} timed out connecting");
+                }
+                return res;
+            }
+        }
+    };
+    res.connected = true;
+    live.connected.fetch_add(1, Ordering::Relaxed);
+
+    // Wait for the common start instant.
+    let go_at = loop {
+        if let Some(t) = *go.borrow_and_update() {
+            break t;
+        }
+        if go.changed().await.is_err() {
+            return res;
+        }
+    };
+
+    let (mut sink, mut stream) = ws.split();
+    let total = (opts.clients * opts.tasks_per_client) as u64;
+    let ramp = Duration::from_millis(opts.ramp_ms);
+    let params = json!({"duration_ms": opts.duration_ms, "steps": opts.steps});
+    let (clients, per) = (opts.clients, opts.tasks_per_client);
+    // Starts interleave over all clients: global slot `index + k * clients`.
+    let sender = tokio::spawn(async move {
+        for k in 0..per {
+            let slot = (index + k * clients) as u64;
+            let at = go_at + ramp.mul_f64(slot as f64 / total as f64);
+            tokio::time::sleep_until(at.into()).await;
+            let msg = json!({
+                "type": "start",
+                "ref": format!("c{index}-{k}"),
+                "kind": "simulate",
+                "params": params,
+            });
+            if sink.send(Message::text(msg.to_string())).await.is_err() {
+                break;
+            }
+        }
+        sink
+    });
+
+    let deadline = go_at + ramp + Duration::from_millis(opts.duration_ms) + Duration::from_secs(30);
+    let sleep = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(sleep);
+    let mut views: HashMap<String, TaskView> = HashMap::with_capacity(per);
+    let mut answered = 0usize; // starts answered by `accepted` or an error
+    let mut finals = 0usize;
+    let mut stale = Vec::with_capacity(per * 24);
+
+    while answered < per || finals < views.len() {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = &mut sleep => break,
+            _ = abort.changed() => break,
+        };
+        let received_ms = unix_ms();
+        let text = match frame {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                res.disconnected = true;
+                break;
+            }
+            Some(Ok(_)) => continue,
+        };
+        let msg: ServerMsg = match serde_json::from_str(text.as_str()) {
+            Ok(m) => m,
+            Err(e) => {
+                *res.errors.entry(format!("unparsable: {e}")).or_default() += 1;
+                continue;
+            }
+        };
+        match msg {
+            ServerMsg::Task { task } => {
+                res.updates += 1;
+                live.updates.fetch_add(1, Ordering::Relaxed);
+                let s = if task.updated_ms > received_ms {
+                    res.ahead += 1;
+                    0
+                } else {
+                    (received_ms - task.updated_ms).min(u32::MAX as u64) as u32
+                };
+                stale.push(s);
+                let is_final = task.state.is_final();
+                match views.get_mut(&task.id) {
+                    Some(v) => {
+                        if task.seq < v.seq {
+                            res.seq_regressions += 1;
+                        }
+                        let was_final = v.state.is_final();
+                        if !was_final {
+                            v.state = task.state;
+                            v.done = task.done;
+                            v.seq = task.seq;
+                        }
+                        if is_final && !was_final {
+                            finals += 1;
+                            live.finals.fetch_add(1, Ordering::Relaxed);
+                            res.final_staleness.push(s);
+                        }
+                    }
+                    None => {
+                        if is_final {
+                            finals += 1;
+                            live.finals.fetch_add(1, Ordering::Relaxed);
+                            res.final_staleness.push(s);
+                        }
+                        views.insert(
+                            task.id,
+                            TaskView {
+                                state: task.state,
+                                done: task.done,
+                                seq: task.seq,
+                            },
+                        );
+                    }
+                }
+            }
+            ServerMsg::Accepted { task, .. } => {
+                answered += 1;
+                res.accepted += 1;
+                live.accepted.fetch_add(1, Ordering::Relaxed);
+                views.entry(task.id).or_insert_with(|| {
+                    if task.state.is_final() {
+                        finals += 1;
+                        live.finals.fetch_add(1, Ordering::Relaxed);
+                    }
+                    TaskView {
+                        state: task.state,
+                        done: task.done,
+                        seq: task.seq,
+                    }
+                });
+            }
+            ServerMsg::Error {
+                reference, code, ..
+            } => {
+                live.errors.fetch_add(1, Ordering::Relaxed);
+                *res.errors.entry(code.as_str().to_string()).or_default() += 1;
+                if reference.as_deref().is_some_and(|r| r.starts_with('c')) {
+                    // A refused start is not retried.
+                    answered += 1;
+                    res.start_errors += 1;
+                }
+            }
+            ServerMsg::Welcome { .. } => {
+                *res.errors.entry("second welcome".into()).or_default() += 1;
+            }
+        }
+    }
+
+    res.staleness = stale;
+    res.tasks = views.into_values().map(|v| (v.state, v.done)).collect();
+    sender.abort();
+    if let Ok(mut sink) = sender.await {
+        let _ = sink.close().await;
+    }
+    res
+}
+
+// ---------------------------------------------------------------- the run
+
+fn percentile(sorted: &[u32], q: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+async fn run(opts: Opts) -> Result<serde_json::Value, String> {
+    let tck = clock_ticks_per_s();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let bin = env!("CARGO_BIN_EXE_taskwire");
+    let machine_start = machine_ticks();
+    let started = Instant::now();
+
+    // 1. The simulator.
+    let mut sim_cmd = Command::new(bin);
+    sim_cmd
+        .args(["sim", "--listen", "127.0.0.1:0"])
+        .current_dir(&root);
+    let mut sim = ChildProc::start("simulator", sim_cmd, "listening on http://")?;
+
+    // 2. The server.
+    let mut server_cmd = Command::new(bin);
+    server_cmd
+        .args(["--listen", "127.0.0.1:0", "--backend"])
+        .arg(format!("http://{}", sim.addr))
+        .arg("--poll-interval-ms")
+        .arg(opts.poll_interval_ms.to_string())
+        .args(&opts.server_args)
+        .current_dir(&root);
+    let mut server = ChildProc::start("server", server_cmd, "taskwire listening on http://")?;
+    eprintln!(
+        "loadgen: simulator {} (pid {}), server {} (pid {}); {}",
+        sim.addr,
+        sim.pid(),
+        server.addr,
+        server.pid(),
+        opts.scenario()
+    );
+
+    let sampler = Sampler::start([
+        server.pid().to_string(),
+        sim.pid().to_string(),
+        "self".to_string(),
+    ]);
+
+    // 3. The clients: connect all, then start tasks on one common clock.
+    let opts = Arc::new(opts);
+    let live = Arc::new(Live::default());
+    let (go_tx, go_rx) = watch::channel(None::<Instant>);
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let permits = Arc::new(Semaphore::new(opts.connect_concurrency));
+    let url = format!("ws://{}/ws", server.addr);
+    let mut handles = Vec::with_capacity(opts.clients);
+    for index in 0..opts.clients {
+        handles.push(tokio::spawn(client(ClientPlan {
+            index,
+            url: url.clone(),
+            opts: opts.clone(),
+            go: go_rx.clone(),
+            abort: abort_rx.clone(),
+            connect_permits: permits.clone(),
+            live: live.clone(),
+        })));
+    }
+    drop(go_rx);
+    let connect_started = Instant::now();
+    loop {
+        let c =
+            live.connected.load(Ordering::Relaxed) + live.connect_failed.load(Ordering::Relaxed);
+        if c as usize >= opts.clients {
+            break;
+        }
+        if connect_started.elapsed() > Duration::from_secs(120) {
+            let _ = abort_tx.send(true);
+            return Err(format!(
+                "only {c} of {} clients connected in 120 s",
+                opts.clients
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    let go_at = Instant::now() + Duration::from_millis(100);
+    let _ = go_tx.send(Some(go_at));
+
+    // Progress on stderr; Ctrl-C ends the run early (the report still prints).
+    let total_tasks = (opts.clients * opts.tasks_per_client) as u64;
+    let progress = {
+        let live = live.clone();
+        let abort_tx = abort_tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => eprintln!(
+                        "loadgen: +{:>5.1} s  accepted {}/{}  final {}  updates {}  errors {}",
+                        go_at.elapsed().as_secs_f64(),
+                        live.accepted.load(Ordering::Relaxed),
+                        total_tasks,
+                        live.finals.load(Ordering::Relaxed),
+                        live.updates.load(Ordering::Relaxed),
+                        live.errors.load(Ordering::Relaxed),
+                    ),
+                    _ = tokio::signal::ctrl_c() => {
+                        eprintln!("loadgen: interrupted, reporting what was seen");
+                        let _ = abort_tx.send(true);
+                        break;
+                    }
+                }
+            }
+        })
+    };
+
+    let mut results = Vec::with_capacity(opts.clients);
+    for h in handles {
+        results.push(h.await.map_err(|e| format!("a client panicked: {e}"))?);
+    }
+    let run_s = go_at.elapsed().as_secs_f64();
+    progress.abort();
+
+    // 4. What the simulator counted.
+    let stats: serde_json::Value = async {
+        reqwest::get(format!("http://{}/stats?per_task=1", sim.addr))
+            .await?
+            .json()
+            .await
+    }
+    .await
+    .map_err(|e| format!("simulator /stats: {e}"))?;
+
+    // 5. Resource use, before the children go.
+    let server_alive = server.alive();
+    let sim_alive = sim.alive();
+    let cpu = |pid: &str| cpu_ticks(pid).unwrap_or((0, 0));
+    let (server_cpu, sim_cpu, self_cpu) = (
+        cpu(&server.pid().to_string()),
+        cpu(&sim.pid().to_string()),
+        cpu("self"),
+    );
+    let machine_end = machine_ticks();
+    let peaks = sampler.finish();
+    let wall_s = started.elapsed().as_secs_f64();
+    let server_log = (
+        server.log.warns.load(Ordering::Relaxed),
+        server.log.errors.load(Ordering::Relaxed),
+        server.log.first.lock().unwrap().clone(),
+    );
+    drop(server);
+    drop(sim);
+
+    // 6. The report.
+    let mut staleness: Vec<u32> = Vec::new();
+    let mut final_staleness: Vec<u32> = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut updates, mut accepted, mut start_errors, mut ahead, mut seq_regressions) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut right, mut finished, mut unfinished) = (0u64, 0u64, 0u64);
+    let mut final_states: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut connected, mut disconnected) = (0u64, 0u64);
+    for r in results {
+        connected += r.connected as u64;
+        disconnected += r.disconnected as u64;
+        staleness.extend_from_slice(&r.staleness);
+        final_staleness.extend_from_slice(&r.final_staleness);
+        for (k, v) in r.errors {
+            *errors.entry(k).or_default() += v;
+        }
+        updates += r.updates;
+        accepted += r.accepted;
+        start_errors += r.start_errors;
+        ahead += r.ahead;
+        seq_regressions += r.seq_regressions;
+        for (state, done) in r.tasks {
+            if state.is_final() {
+                finished += 1;
+                *final_states.entry(state.as_str()).or_default() += 1;
+            } else {
+                unfinished += 1;
+            }
+            if state == TaskState::Succeeded && done == opts.steps {
+                right += 1;
+            }
+        }
+    }
+    staleness.sort_unstable();
+    final_staleness.sort_unstable();
+    let polls_total = stats["polls"].as_u64().unwrap_or(0);
+    let per_task: Vec<u64> = stats["per_task"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    let expected_polls = opts.duration_ms / opts.poll_interval_ms.max(1);
+    let polls_mean = if per_task.is_empty() {
+        0.0
+    } else {
+        per_task.iter().sum::<u64>() as f64 / per_task.len() as f64
+    };
+    let secs = |(u, s): (u64, u64)| (u + s) as f64 / tck;
+    let per_poll_us = |cpu_s: f64| {
+        if polls_total == 0 {
+            None
+        } else {
+            Some(round(cpu_s * 1e6 / polls_total as f64, 1))
+        }
+    };
+    let (server_s, sim_s, self_s) = (secs(server_cpu), secs(sim_cpu), secs(self_cpu));
+    let machine = match (machine_start, machine_end) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            Some(((b1 - b0) as f64 / tck, (b1 - b0) as f64 / (t1 - t0) as f64))
+        }
+        _ => None,
+    };
+    let mb = |kb: u64| round(kb as f64 / 1024.0, 1);
+
+    Ok(json!({
+        "scenario": opts.scenario(),
+        "clients": opts.clients,
+        "tasks_per_client": opts.tasks_per_client,
+        "duration_ms": opts.duration_ms,
+        "steps": opts.steps,
+        "poll_interval_ms": opts.poll_interval_ms,
+        "ramp_ms": opts.ramp_ms,
+        "server_args": opts.server_args,
+        "loadgen_threads": opts.threads,
+        "tasks": total_tasks,
+        "clients_connected": connected,
+        "clients_disconnected": disconnected,
+        "connect_s": round(connect_s, 2),
+        "accepted": accepted,
+        "start_errors": start_errors,
+        "finished": finished,
+        "unfinished": unfinished,
+        "final_states": final_states,
+        "right": right,
+        "staleness_ms": {
+            "samples": staleness.len(),
+            "p50": percentile(&staleness, 0.50),
+            "p90": percentile(&staleness, 0.90),
+            "p99": percentile(&staleness, 0.99),
+            "max": staleness.last(),
+            "ahead_of_clock": ahead,
+        },
+        "final_staleness_ms": {
+            "p50": percentile(&final_staleness, 0.50),
+            "p99": percentile(&final_staleness, 0.99),
+            "max": final_staleness.last(),
+        },
+        "updates": updates,
+        "updates_per_task": if accepted > 0 { round(updates as f64 / accepted as f64, 2) } else { 0.0 },
+        "updates_per_s": round(updates as f64 / run_s.max(1e-9), 1),
+        "seq_regressions": seq_regressions,
+        "polls": {
+            "total": polls_total,
+            "tasks": per_task.len(),
+            "mean": round(polls_mean, 2),
+            "min": per_task.iter().min(),
+            "max": per_task.iter().max(),
+            "expected": expected_polls,
+            "tasks_below_expected": per_task.iter().filter(|p| **p < expected_polls).count(),
+            "starts": stats["starts"],
+        },
+        "server": {
+            "peak_rss_mb": mb(peaks[0]),
+            "cpu_s": round(server_s, 2),
+            "user_s": round(server_cpu.0 as f64 / tck, 2),
+            "sys_s": round(server_cpu.1 as f64 / tck, 2),
+            "cpu_us_per_poll": per_poll_us(server_s),
+            "alive_at_end": server_alive,
+            "log_warnings": server_log.0,
+            "log_errors": server_log.1,
+            "log_first": server_log.2,
+        },
+        "sim": {
+            "peak_rss_mb": mb(peaks[1]),
+            "cpu_s": round(sim_s, 2),
+            "cpu_us_per_poll": per_poll_us(sim_s),
+            "alive_at_end": sim_alive,
+        },
+        "loadgen": {
+            "peak_rss_mb": mb(peaks[2]),
+            "cpu_s": round(self_s, 2),
+            "cpu_us_per_poll": per_poll_us(self_s),
+        },
+        "machine": {
+            "busy_cpu_s": machine.map(|m| round(m.0, 2)),
+            "busy_fraction": machine.map(|m| round(m.1, 3)),
+            "other_cpu_s": machine.map(|m| round((m.0 - server_s - sim_s - self_s).max(0.0), 2)),
+        },
+        "run_s": round(run_s, 2),
+        "wall_s": round(wall_s, 2),
+        "errors": errors.values().sum::<u64>(),
+        "errors_by_code": errors,
+    }))
+}
+
+fn print_table(r: &serde_json::Value) {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("scenario", s(&r["scenario"])),
+        ("tasks", s(&r["tasks"])),
+        (
+            "clients connected / dropped",
+            format!(
+                "{} / {} (connect {} s)",
+                s(&r["clients_connected"]),
+                s(&r["clients_disconnected"]),
+                s(&r["connect_s"])
+            ),
+        ),
+        (
+            "accepted / start errors",
+            format!("{} / {}", s(&r["accepted"]), s(&r["start_errors"])),
+        ),
+        (
+            "final states right / total",
+            format!("{} / {}", s(&r["right"]), s(&r["tasks"])),
+        ),
+        (
+            "final states",
+            format!(
+                "{} (unfinished {})",
+                s(&r["final_states"]),
+                s(&r["unfinished"])
+            ),
+        ),
+        (
+            "staleness p50 / p99 / max ms",
+            format!(
+                "{} / {} / {}",
+                s(&r["staleness_ms"]["p50"]),
+                s(&r["staleness_ms"]["p99"]),
+                s(&r["staleness_ms"]["max"])
+            ),
+        ),
+        (
+            "final-state staleness p50 / p99",
+            format!(
+                "{} / {}",
+                s(&r["final_staleness_ms"]["p50"]),
+                s(&r["final_staleness_ms"]["p99"])
+            ),
+        ),
+        (
+            "polls per task mean / min / max",
+            format!(
+                "{} / {} / {} (expected {}, below: {})",
+                s(&r["polls"]["mean"]),
+                s(&r["polls"]["min"]),
+                s(&r["polls"]["max"]),
+                s(&r["polls"]["expected"]),
+                s(&r["polls"]["tasks_below_expected"])
+            ),
+        ),
+        (
+            "updates received (per task, per s)",
+            format!(
+                "{} ({}, {}/s)",
+                s(&r["updates"]),
+                s(&r["updates_per_task"]),
+                s(&r["updates_per_s"])
+            ),
+        ),
+        ("server peak RSS MB", s(&r["server"]["peak_rss_mb"])),
+        (
+            "server CPU s (user + sys)",
+            format!(
+                "{} ({} + {})",
+                s(&r["server"]["cpu_s"]),
+                s(&r["server"]["user_s"]),
+                s(&r["server"]["sys_s"])
+            ),
+        ),
+        (
+            "CPU µs per poll server / sim / loadgen",
+            format!(
+                "{} / {} / {}",
+                s(&r["server"]["cpu_us_per_poll"]),
+                s(&r["sim"]["cpu_us_per_poll"]),
+                s(&r["loadgen"]["cpu_us_per_poll"])
+            ),
+        ),
+        (
+            "sim CPU s / peak RSS MB",
+            format!(
+                "{} / {}",
+                s(&r["sim"]["cpu_s"]),
+                s(&r["sim"]["peak_rss_mb"])
+            ),
+        ),
+        (
+            "loadgen CPU s / peak RSS MB",
+            format!(
+                "{} / {}",
+                s(&r["loadgen"]["cpu_s"]),
+                s(&r["loadgen"]["peak_rss_mb"])
+            ),
+        ),
+        (
+            "machine busy CPU s (fraction) / others",
+            format!(
+                "{} ({}) / {}",
+                s(&r["machine"]["busy_cpu_s"]),
+                s(&r["machine"]["busy_fraction"]),
+                s(&r["machine"]["other_cpu_s"])
+            ),
+        ),
+        (
+            "wall s (run / total)",
+            format!("{} / {}", s(&r["run_s"]), s(&r["wall_s"])),
+        ),
+        (
+            "errors",
+            format!("{} {}", s(&r["errors"]), s(&r["errors_by_code"])),
+        ),
+        ("seq regressions", s(&r["seq_regressions"])),
+        (
+            "server log warnings / errors",
+            format!(
+                "{} / {}",
+                s(&r["server"]["log_warnings"]),
+                s(&r["server"]["log_errors"])
+            ),
+        ),
+    ];
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:<width$}  {v}");
+    }
+    if let Some(lines) = r["server"]["log_first"].as_array() {
+        for l in lines {
+            println!("  server log: {}", s(l));
+        }
+    }
+    if r["server"]["alive_at_end"] == false || r["sim"]["alive_at_end"] == false {
+        println!("WARNING: a child process had exited before the end of the run");
+    }
+}
