@@ -239,11 +239,7 @@ impl ChildProc {
                 ));
             }
         };
-        Ok(ChildProc {
-            child,
-            addr,
-            log,
-        })
+        Ok(ChildProc { child, addr, log })
     }
 
     fn pid(&self) -> u32 {

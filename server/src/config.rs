@@ -89,6 +89,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_concurrent_polls: u64,
 
+    /// Polls started per second, over all tasks (0: no cap). Beyond it, due
+    /// polls wait in the delay queue.
+    #[arg(long, env = "TASKWIRE_MAX_POLLS_PER_S", default_value_t = 50_000)]
+    pub max_polls_per_s: u64,
+
     /// Timeout of each request to the task service, in milliseconds.
     #[arg(long, env = "TASKWIRE_BACKEND_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod hub;
+pub mod metrics;
 pub mod scheduler;
 pub mod session;
 pub mod sim;
@@ -22,7 +23,7 @@ use hub::{CloseReason, Hub};
 use leptos::prelude::LeptosOptions;
 use leptos_axum::{generate_route_list, LeptosRoutes};
 use scheduler::policy::PollPolicy;
-use scheduler::{Scheduler, SchedulerHandle};
+use scheduler::{Limits, Scheduler, SchedulerHandle};
 use sim::Simulator;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,7 +82,7 @@ impl Application {
                 (Backend::embedded(sim.clone(), clock), Some(sim))
             }
             BackendChoice::Http(url) => (
-                Backend::http(url, Duration::from_millis(config.backend_timeout_ms))?,
+                Backend::http(url, Duration::from_millis(config.backend_timeout_ms), clock)?,
                 None,
             ),
         };
@@ -97,7 +98,10 @@ impl Application {
             hub.clone(),
             backend.clone(),
             policy.clone(),
-            config.max_concurrent_polls as usize,
+            Limits {
+                max_in_flight: config.max_concurrent_polls as usize,
+                max_polls_per_s: config.max_polls_per_s,
+            },
         );
 
         let listener =
@@ -187,6 +191,7 @@ fn router(state: AppState) -> Router {
             session::middleware,
         ))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::render))
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
         .with_state(state)
 }

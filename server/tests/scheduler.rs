@@ -6,7 +6,7 @@ use server::backend::Backend;
 use server::clock::Clock;
 use server::hub::{Conn, Hub, Next};
 use server::scheduler::policy::PollPolicy;
-use server::scheduler::{Scheduler, SchedulerHandle};
+use server::scheduler::{Limits, Scheduler, SchedulerHandle};
 use server::sim::Simulator;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +35,10 @@ fn rig(poll_interval_ms: u64, retention_ms: u64) -> Rig {
         hub.clone(),
         Backend::embedded(sim.clone(), clock),
         policy,
-        64,
+        Limits {
+            max_in_flight: 64,
+            max_polls_per_s: 0,
+        },
     );
     let (stop, rx) = watch::channel(false);
     tokio::spawn(scheduler.run(rx));

@@ -109,14 +109,13 @@ async fn status_reply(resp: Response) -> Result<Status, BackendError> {
 }
 
 fn transport(e: reqwest::Error) -> BackendError {
-    let reason = if e.is_timeout() {
-        "timed out".to_string()
+    if e.is_timeout() {
+        BackendError::unavailable("timeout", "timed out")
     } else if e.is_connect() {
-        "connection refused".to_string()
+        BackendError::unavailable("refused", "connection refused")
     } else {
-        format!("request failed: {e}")
-    };
-    BackendError::unavailable(reason)
+        BackendError::unavailable("transport", format!("request failed: {e}"))
+    }
 }
 
 /// Anything but the answers a route documents: 429/503/5xx are "try later",
@@ -131,6 +130,11 @@ fn unexpected(resp: Response) -> BackendError {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         BackendError::Unavailable {
+            kind: match status.as_u16() {
+                429 => "http_429",
+                503 => "http_503",
+                _ => "http_5xx",
+            },
             reason: format!("answered {status}"),
             retry_after,
         }

@@ -8,6 +8,7 @@ pub mod types;
 use crate::clock::Clock;
 use crate::sim::{SimError, Simulator};
 use app::protocol::ErrorCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 pub use types::Status;
@@ -25,6 +26,8 @@ pub enum BackendError {
     /// Timeout, refused connection, `5xx`, `429`: try again later.
     #[error("the task service is unavailable: {reason}")]
     Unavailable {
+        /// One word for metrics: `timeout`, `refused`, `http_5xx`, `http_429`, ...
+        kind: &'static str,
         reason: String,
         retry_after: Option<Duration>,
     },
@@ -34,37 +37,128 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    fn unavailable(reason: impl Into<String>) -> Self {
+    fn unavailable(kind: &'static str, reason: impl Into<String>) -> Self {
         BackendError::Unavailable {
+            kind,
             reason: reason.into(),
             retry_after: None,
         }
     }
+
+    /// One word for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Rejected { .. } => "rejected",
+            BackendError::NotFound => "not_found",
+            BackendError::Unavailable { kind, .. } => kind,
+            BackendError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// While the task service is down, a `start` fails at once instead of
+/// waiting for a timeout; one try per this interval goes through as a probe.
+pub const START_PROBE_INTERVAL_MS: u64 = 1_000;
+
+/// What the last requests said of the task service's reachability.
+#[derive(Default)]
+struct Health {
+    /// 0 while reachable; else when it was first seen down (Unix ms).
+    down_since_ms: AtomicU64,
+    last_probe_ms: AtomicU64,
+}
+
+/// The task service, as one adapter plus what is known of its health.
+#[derive(Clone)]
+pub struct Backend {
+    adapter: Adapter,
+    clock: Clock,
+    health: Arc<Health>,
 }
 
 #[derive(Clone)]
-pub enum Backend {
-    Embedded { sim: Arc<Simulator>, clock: Clock },
+enum Adapter {
+    Embedded(Arc<Simulator>),
     Http(http::HttpBackend),
 }
 
 impl Backend {
     pub fn embedded(sim: Arc<Simulator>, clock: Clock) -> Self {
-        Backend::Embedded { sim, clock }
+        Backend {
+            adapter: Adapter::Embedded(sim),
+            clock,
+            health: Arc::default(),
+        }
     }
 
-    pub fn http(base_url: &str, timeout: Duration) -> Result<Self, BackendError> {
-        Ok(Backend::Http(http::HttpBackend::new(base_url, timeout)?))
+    pub fn http(base_url: &str, timeout: Duration, clock: Clock) -> Result<Self, BackendError> {
+        Ok(Backend {
+            adapter: Adapter::Http(http::HttpBackend::new(base_url, timeout)?),
+            clock,
+            health: Arc::default(),
+        })
     }
 
-    /// Starts a task; returns the task service's id for it.
+    /// Notes what a request said of reachability.
+    fn observe<T>(&self, result: &Result<T, BackendError>) {
+        match result {
+            Err(BackendError::Unavailable { .. }) => {
+                let _ = self.health.down_since_ms.compare_exchange(
+                    0,
+                    self.clock.now_ms().max(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            _ => self.health.down_since_ms.store(0, Ordering::Relaxed),
+        }
+    }
+
+    /// Since when the task service has been unreachable, if it is.
+    pub fn down_since_ms(&self) -> Option<u64> {
+        Some(self.health.down_since_ms.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// Starts a task; returns the task service's id for it. While the
+    /// service is known to be down this fails at once, but for one probe
+    /// per [`START_PROBE_INTERVAL_MS`].
     pub async fn start(
         &self,
         kind: &str,
         params: &serde_json::Value,
     ) -> Result<String, BackendError> {
-        match self {
-            Backend::Embedded { sim, clock } => {
+        if let Some(since) = self.down_since_ms() {
+            let now = self.clock.now_ms();
+            let last = self.health.last_probe_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) < START_PROBE_INTERVAL_MS
+                || self
+                    .health
+                    .last_probe_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                return Err(BackendError::unavailable(
+                    "down",
+                    format!(
+                        "unreachable for {} s; try again later",
+                        now.saturating_sub(since) / 1000
+                    ),
+                ));
+            }
+        }
+        let result = self.start_now(kind, params).await;
+        self.observe(&result);
+        result
+    }
+
+    async fn start_now(
+        &self,
+        kind: &str,
+        params: &serde_json::Value,
+    ) -> Result<String, BackendError> {
+        match &self.adapter {
+            Adapter::Embedded(sim) => {
+                let clock = &self.clock;
                 sim.start(kind, params, clock.now_ms())
                     .map_err(|e| match e {
                         SimError::UnknownKind(_) => BackendError::Rejected {
@@ -75,28 +169,32 @@ impl Backend {
                             code: ErrorCode::InvalidParams,
                             message: e.to_string(),
                         },
-                        SimError::Full => BackendError::unavailable(e.to_string()),
+                        SimError::Full => BackendError::unavailable("full", e.to_string()),
                     })
             }
-            Backend::Http(h) => h.start(kind, params).await,
+            Adapter::Http(h) => h.start(kind, params).await,
         }
     }
 
     pub async fn status(&self, id: &str) -> Result<Status, BackendError> {
-        match self {
-            Backend::Embedded { sim, clock } => {
-                sim.status(id, clock.now_ms()).ok_or(BackendError::NotFound)
-            }
-            Backend::Http(h) => h.status(id).await,
-        }
+        let result = match &self.adapter {
+            Adapter::Embedded(sim) => sim
+                .status(id, self.clock.now_ms())
+                .ok_or(BackendError::NotFound),
+            Adapter::Http(h) => h.status(id).await,
+        };
+        self.observe(&result);
+        result
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Status, BackendError> {
-        match self {
-            Backend::Embedded { sim, clock } => {
-                sim.cancel(id, clock.now_ms()).ok_or(BackendError::NotFound)
-            }
-            Backend::Http(h) => h.cancel(id).await,
-        }
+        let result = match &self.adapter {
+            Adapter::Embedded(sim) => sim
+                .cancel(id, self.clock.now_ms())
+                .ok_or(BackendError::NotFound),
+            Adapter::Http(h) => h.cancel(id).await,
+        };
+        self.observe(&result);
+        result
     }
 }

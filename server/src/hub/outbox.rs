@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
+/// Updates coalesced on all connections since start (for metrics).
+pub static COALESCED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
 /// Replies queued for one connection before it counts as not reading.
 pub const MAX_QUEUED_REPLIES: usize = 256;
 
@@ -91,6 +94,7 @@ impl Outbox {
                 if seq > pending.0 {
                     *pending = (seq, frame);
                     self.coalesced.fetch_add(1, Ordering::Relaxed);
+                    COALESCED_TOTAL.fetch_add(1, Ordering::Relaxed);
                 }
                 return;
             }

@@ -1,20 +1,25 @@
 //! The poll engine: one delay queue holds the next due poll of every live
-//! task (and the expiry of every finished one). No interval and no sleep per
-//! task: the queue wakes when the earliest entry is due, the due poll runs on
-//! a bounded pool, and its outcome decides the task's next entry.
+//! task (and the expiry of every finished one, and the metrics upkeep). No
+//! interval and no sleep per task: the queue wakes when the earliest entry
+//! is due, the due poll runs on a bounded pool, and its outcome decides the
+//! task's next entry.
 
 pub mod policy;
+pub mod rate;
 
 use crate::backend::{Backend, BackendError};
 use crate::hub::Hub;
+use crate::metrics as m;
 use futures::StreamExt;
 use policy::{Decision, PollPolicy};
-use std::collections::HashMap;
+use rate::TokenBucket;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::time::{delay_queue, DelayQueue};
 
 /// Commands waiting for the scheduler; senders wait when it is full.
@@ -26,11 +31,33 @@ enum Job {
     Poll(Arc<str>),
     ExpireTask(Arc<str>),
     ExpireSession(Arc<str>),
+    /// Copy counters into the metrics registry, drain histograms.
+    Upkeep,
 }
 
-#[derive(Debug)]
 enum Command {
     Schedule(Job, Duration),
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// What the scheduler holds, for the "one entry per live task" invariant.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Tasks with a poll waiting in the queue.
+    pub queued: Vec<Arc<str>>,
+    /// Tasks whose poll is running.
+    pub in_flight: Vec<Arc<str>>,
+    /// Finished tasks waiting for their expiry.
+    pub expiring: usize,
+}
+
+/// Bounds of the poll engine.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Polls running at once; beyond, due polls wait in the queue.
+    pub max_in_flight: usize,
+    /// Polls started per second (0: no cap); beyond, due polls are moved later.
+    pub max_polls_per_s: u64,
 }
 
 /// Cheap handle used by the WebSocket side to add work to the queue.
@@ -40,12 +67,14 @@ pub struct SchedulerHandle {
     stats: Arc<SchedulerStats>,
 }
 
-/// Counters of the poll engine.
+/// Counters of the poll engine, in atomics so the hot path stays cheap.
 #[derive(Default, Debug)]
 pub struct SchedulerStats {
     pub polls: AtomicU64,
     pub poll_errors: AtomicU64,
+    pub deferred: AtomicU64,
     pub queue_depth: AtomicU64,
+    pub in_flight: AtomicU64,
 }
 
 impl SchedulerHandle {
@@ -65,21 +94,34 @@ impl SchedulerHandle {
             .await;
     }
 
+    /// What the queue holds right now.
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Snapshot(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
     pub fn stats(&self) -> &SchedulerStats {
         &self.stats
     }
 }
 
+type PollResult = (Arc<str>, Decision);
+
 pub struct Scheduler {
     hub: Hub,
     backend: Backend,
     policy: Arc<PollPolicy>,
-    max_in_flight: usize,
+    limits: Limits,
+    bucket: Option<TokenBucket>,
     rx: mpsc::Receiver<Command>,
     stats: Arc<SchedulerStats>,
     queue: DelayQueue<Job>,
     /// The queue key of each job, so a task never has two entries.
     keys: HashMap<Job, delay_queue::Key>,
+    /// Tasks whose poll is running: never polled twice at once.
+    running: HashSet<Arc<str>>,
+    started: Instant,
     /// xorshift64 state for cadence jitter (no need for a crypto RNG).
     rng: u64,
 }
@@ -89,21 +131,34 @@ impl Scheduler {
         hub: Hub,
         backend: Backend,
         policy: PollPolicy,
-        max_in_flight: usize,
+        limits: Limits,
     ) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_LEN);
         let stats = Arc::new(SchedulerStats::default());
-        let scheduler = Scheduler {
+        let bucket = (limits.max_polls_per_s > 0).then(|| {
+            // A tenth of a second's worth may go at once.
+            TokenBucket::new(limits.max_polls_per_s, limits.max_polls_per_s / 10)
+        });
+        let mut scheduler = Scheduler {
             hub,
             backend,
             policy: Arc::new(policy),
-            max_in_flight: max_in_flight.max(1),
+            limits: Limits {
+                max_in_flight: limits.max_in_flight.max(1),
+                ..limits
+            },
+            bucket,
             rx,
             stats: stats.clone(),
             queue: DelayQueue::new(),
             keys: HashMap::new(),
+            running: HashSet::new(),
+            started: Instant::now(),
             rng: seed(),
         };
+        if m::handle().is_some() {
+            scheduler.schedule(Job::Upkeep, m::UPKEEP_INTERVAL);
+        }
         (scheduler, SchedulerHandle { tx, stats })
     }
 
@@ -115,14 +170,11 @@ impl Scheduler {
             let key = self.queue.insert(job.clone(), delay);
             self.keys.insert(job, key);
         }
-        self.stats
-            .queue_depth
-            .store(self.queue.len() as u64, Ordering::Relaxed);
     }
 
     /// Runs until `shutdown` turns true, then lets the polls in flight finish.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut in_flight: JoinSet<(Arc<str>, Decision)> = JoinSet::new();
+        let mut in_flight: JoinSet<PollResult> = JoinSet::new();
         loop {
             tokio::select! {
                 biased;
@@ -134,14 +186,15 @@ impl Scheduler {
                 }
                 cmd = self.rx.recv() => match cmd {
                     Some(Command::Schedule(job, delay)) => self.schedule(job, delay),
+                    Some(Command::Snapshot(reply)) => { let _ = reply.send(self.snapshot()); }
                     None => break,
                 },
                 // A full pool leaves due polls waiting in the queue itself.
-                Some(expired) = self.queue.next(), if in_flight.len() < self.max_in_flight => {
+                Some(expired) = self.queue.next(), if in_flight.len() < self.limits.max_in_flight => {
+                    let lateness = Instant::now().saturating_duration_since(expired.deadline());
                     let job = expired.into_inner();
                     self.keys.remove(&job);
-                    self.stats.queue_depth.store(self.queue.len() as u64, Ordering::Relaxed);
-                    self.fire(job, &mut in_flight);
+                    self.fire(job, lateness, &mut in_flight);
                 }
             }
         }
@@ -152,29 +205,9 @@ impl Scheduler {
         }
     }
 
-    fn fire(&mut self, job: Job, in_flight: &mut JoinSet<(Arc<str>, Decision)>) {
+    fn fire(&mut self, job: Job, lateness: Duration, in_flight: &mut JoinSet<PollResult>) {
         match job {
-            Job::Poll(task) => {
-                let Some(backend_id) = self.hub.poll_target(&task) else {
-                    // Final (cancelled meanwhile) or gone: expire or forget.
-                    if self.hub.is_final(&task) == Some(true) {
-                        self.after_poll(task, self.policy.after_success(true));
-                    }
-                    return;
-                };
-                self.stats.polls.fetch_add(1, Ordering::Relaxed);
-                let hub = self.hub.clone();
-                let backend = self.backend.clone();
-                let policy = self.policy.clone();
-                let stats = self.stats.clone();
-                let jitter = self.jitter();
-                in_flight.spawn(async move {
-                    let decision =
-                        poll_once(&hub, &backend, &policy, &stats, &task, &backend_id, jitter)
-                            .await;
-                    (task, decision)
-                });
-            }
+            Job::Poll(task) => self.fire_poll(task, lateness, in_flight),
             Job::ExpireTask(task) => {
                 if let Some(session) = self.hub.expire_task(&task) {
                     let delay = Duration::from_millis(self.policy.retention_ms);
@@ -182,7 +215,52 @@ impl Scheduler {
                 }
             }
             Job::ExpireSession(session) => self.hub.expire_session(&session),
+            Job::Upkeep => {
+                self.upkeep(in_flight.len());
+                self.schedule(Job::Upkeep, m::UPKEEP_INTERVAL);
+            }
         }
+    }
+
+    fn fire_poll(
+        &mut self,
+        task: Arc<str>,
+        lateness: Duration,
+        in_flight: &mut JoinSet<PollResult>,
+    ) {
+        if self.running.contains(&task) {
+            // Cannot happen (a task's entry is re-made only after its poll),
+            // but a second poll at once must never go out.
+            return;
+        }
+        let Some(backend_id) = self.hub.poll_target(&task) else {
+            // Final (cancelled meanwhile) or gone: expire or forget.
+            if self.hub.is_final(&task) == Some(true) {
+                self.after_poll(task, self.policy.after_success(true));
+            }
+            return;
+        };
+        if let Some(bucket) = &mut self.bucket {
+            let now_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            if let Err(wait) = bucket.take(now_ms) {
+                self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                self.schedule(Job::Poll(task), wait);
+                return;
+            }
+        }
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::POLL_LATENESS_SECONDS).record(lateness.as_secs_f64());
+        self.running.insert(task.clone());
+        let hub = self.hub.clone();
+        let backend = self.backend.clone();
+        let policy = self.policy.clone();
+        let stats = self.stats.clone();
+        let jitter = self.jitter();
+        in_flight.spawn(async move {
+            let decision =
+                poll_once(&hub, &backend, &policy, &stats, &task, &backend_id, jitter).await;
+            (task, decision)
+        });
     }
 
     /// Uniform in [0, 1).
@@ -194,10 +272,42 @@ impl Scheduler {
     }
 
     fn after_poll(&mut self, task: Arc<str>, decision: Decision) {
+        self.running.remove(&task);
         match decision {
             Decision::Poll(delay) => self.schedule(Job::Poll(task), delay),
             Decision::Expire(delay) => self.schedule(Job::ExpireTask(task), delay),
             Decision::GiveUp | Decision::Drop => {}
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot {
+            in_flight: self.running.iter().cloned().collect(),
+            ..Snapshot::default()
+        };
+        for job in self.keys.keys() {
+            match job {
+                Job::Poll(t) => snap.queued.push(t.clone()),
+                Job::ExpireTask(_) => snap.expiring += 1,
+                _ => {}
+            }
+        }
+        snap
+    }
+
+    fn upkeep(&self, in_flight: usize) {
+        let counts = self.hub.counts();
+        metrics::gauge!(m::LIVE_TASKS).set(counts.live_tasks as f64);
+        metrics::gauge!(m::TASKS).set(counts.tasks as f64);
+        metrics::gauge!(m::SESSIONS).set(counts.sessions as f64);
+        metrics::gauge!(m::QUEUE_DEPTH).set(self.queue.len() as f64);
+        metrics::gauge!(m::POLLS_IN_FLIGHT).set(in_flight as f64);
+        metrics::counter!(m::POLLS).absolute(self.stats.polls.load(Ordering::Relaxed));
+        metrics::counter!(m::POLLS_DEFERRED).absolute(self.stats.deferred.load(Ordering::Relaxed));
+        metrics::counter!(m::UPDATES_COALESCED)
+            .absolute(crate::hub::outbox::COALESCED_TOTAL.load(Ordering::Relaxed));
+        if let Some(h) = m::handle() {
+            h.run_upkeep();
         }
     }
 }
@@ -212,34 +322,45 @@ async fn poll_once(
     backend_id: &str,
     jitter: f64,
 ) -> Decision {
-    match backend.status(backend_id).await {
+    let began = Instant::now();
+    let result = backend.status(backend_id).await;
+    metrics::histogram!(m::POLL_SECONDS).record(began.elapsed().as_secs_f64());
+    match result {
         Ok(status) => hub.apply_status(task, &status, policy, jitter),
-        Err(BackendError::NotFound) => hub.fail(
-            task,
-            "the task service no longer knows this task".into(),
-            policy,
-        ),
         Err(e) => {
             stats.poll_errors.fetch_add(1, Ordering::Relaxed);
-            let (reason, retry_after) = match &e {
-                BackendError::Unavailable {
-                    reason,
-                    retry_after,
-                } => (reason.clone(), *retry_after),
-                other => (other.to_string(), None),
-            };
-            match hub.apply_outage(task, &reason, retry_after, policy) {
-                Decision::GiveUp => hub.fail(
-                    task,
-                    format!(
-                        "the task service was unreachable for {} s ({reason}); gave up",
-                        policy.give_up_ms / 1000
-                    ),
-                    policy,
-                ),
-                d => d,
-            }
+            metrics::counter!(m::BACKEND_ERRORS, "kind" => e.kind()).increment(1);
+            poll_failed(hub, policy, task, e)
         }
+    }
+}
+
+fn poll_failed(hub: &Hub, policy: &PollPolicy, task: &str, e: BackendError) -> Decision {
+    let (reason, retry_after) = match e {
+        BackendError::NotFound => {
+            return hub.fail(
+                task,
+                "the task service no longer knows this task".into(),
+                policy,
+            )
+        }
+        BackendError::Unavailable {
+            reason,
+            retry_after,
+            ..
+        } => (reason, retry_after),
+        other => (other.to_string(), None),
+    };
+    match hub.apply_outage(task, &reason, retry_after, policy) {
+        Decision::GiveUp => hub.fail(
+            task,
+            format!(
+                "the task service was unreachable for {} s ({reason}); gave up",
+                policy.give_up_ms / 1000
+            ),
+            policy,
+        ),
+        d => d,
     }
 }
 

@@ -1,0 +1,84 @@
+//! Prometheus metrics at `GET /metrics`, through the `metrics` facade and its
+//! Prometheus exporter. Hot paths count in plain atomics (scheduler stats,
+//! outbox coalescing); the scheduler's upkeep job copies them into the
+//! registry and drains histogram samples every [`UPKEEP_INTERVAL`].
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How often counters are copied into the registry and histograms drained.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+pub const POLLS: &str = "taskwire_polls_total";
+pub const POLL_SECONDS: &str = "taskwire_poll_seconds";
+pub const POLL_LATENESS_SECONDS: &str = "taskwire_poll_lateness_seconds";
+pub const POLLS_DEFERRED: &str = "taskwire_polls_deferred_total";
+pub const LIVE_TASKS: &str = "taskwire_live_tasks";
+pub const TASKS: &str = "taskwire_tasks";
+pub const SESSIONS: &str = "taskwire_sessions";
+pub const QUEUE_DEPTH: &str = "taskwire_queue_depth";
+pub const POLLS_IN_FLIGHT: &str = "taskwire_polls_in_flight";
+pub const BACKEND_ERRORS: &str = "taskwire_backend_errors_total";
+pub const WS_CONNECTIONS: &str = "taskwire_ws_connections";
+pub const MESSAGES_SENT: &str = "taskwire_messages_sent_total";
+pub const UPDATES_COALESCED: &str = "taskwire_updates_coalesced_total";
+
+/// Seconds; from a fast loopback poll to a timed-out one.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide recorder (the `metrics` facade has one global recorder,
+/// so every `Application` in a process shares it). `None` if another
+/// recorder was installed first.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(POLLS, "Status polls sent to the task service");
+    describe_histogram!(POLL_SECONDS, Unit::Seconds, "Latency of one status poll");
+    describe_histogram!(
+        POLL_LATENESS_SECONDS,
+        Unit::Seconds,
+        "How late a poll fired after it was due"
+    );
+    describe_counter!(
+        POLLS_DEFERRED,
+        "Due polls moved later by the polls-per-second cap"
+    );
+    describe_gauge!(LIVE_TASKS, "Tasks not yet final");
+    describe_gauge!(TASKS, "Tasks held, finished ones included");
+    describe_gauge!(SESSIONS, "Sessions held");
+    describe_gauge!(QUEUE_DEPTH, "Entries in the delay queue");
+    describe_gauge!(POLLS_IN_FLIGHT, "Polls waiting on the task service");
+    describe_counter!(BACKEND_ERRORS, "Failed task-service requests, by kind");
+    describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
+    describe_counter!(MESSAGES_SENT, "Frames written to WebSocket clients");
+    describe_counter!(
+        UPDATES_COALESCED,
+        "Task updates replaced by a newer state before a slow client read them"
+    );
+}
+
+/// The text exposition, for `GET /metrics`.
+pub async fn render() -> impl axum::response::IntoResponse {
+    let body = handle().map(|h| h.render()).unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
