@@ -5,6 +5,7 @@
 
 use crate::backend::BackendError;
 use crate::hub::{CancelTarget, CloseReason, Conn, Next};
+use crate::metrics as m;
 use crate::session::Session;
 use crate::AppState;
 use app::protocol::{ClientMsg, ErrorCode, Rejection, ServerMsg};
@@ -62,16 +63,20 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
 async fn run(socket: WebSocket, state: AppState, session: Arc<str>) {
     let conn = Arc::new(state.hub.connect(session));
     let (mut sink, mut stream) = socket.split();
+    let connections = metrics::gauge!(m::WS_CONNECTIONS);
+    connections.increment(1.0);
 
     let writer_conn = conn.clone();
     let mut writer = tokio::spawn(async move {
         let outbox = &writer_conn.outbox;
+        let sent = metrics::counter!(m::MESSAGES_SENT);
         loop {
             match outbox.pop() {
                 Next::Frame(frame) => {
                     if sink.feed(Message::Text(frame)).await.is_err() {
                         return;
                     }
+                    sent.increment(1);
                     // Flush once the queue is drained rather than per frame.
                     if outbox.is_empty() && sink.flush().await.is_err() {
                         return;
@@ -128,6 +133,7 @@ async fn run(socket: WebSocket, state: AppState, session: Arc<str>) {
             .await;
     }
     writer.abort();
+    connections.decrement(1.0);
 }
 
 fn is_too_big(e: &axum::Error) -> bool {

@@ -173,3 +173,113 @@ async fn finished_tasks_and_empty_sessions_are_forgotten_after_the_retention() {
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert_eq!(r.hub.counts().sessions, 0, "the empty session went too");
 }
+
+/// Every live task has exactly one entry: queued or in flight, never both,
+/// never missing; final tasks have none.
+async fn assert_one_entry_per_live_task(r: &Rig) {
+    let snap = r.handle.snapshot().await.unwrap();
+    let mut entries: Vec<Arc<str>> = snap.queued.iter().chain(&snap.in_flight).cloned().collect();
+    entries.sort();
+    let before = entries.len();
+    entries.dedup();
+    assert_eq!(before, entries.len(), "a task with two entries");
+    let mut live = r.hub.live_task_ids();
+    live.sort();
+    assert_eq!(entries, live);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_live_task_is_forgotten_and_none_is_held_twice() {
+    let r = rig(500, 600_000);
+    let (session, _) = r.hub.resolve_session(None);
+    let conn = r.hub.connect(session);
+    let mut started = vec![];
+    for i in 0..200u64 {
+        let params = serde_json::json!({
+            "duration_ms": 1_000 + (i % 17) * 700,
+            "steps": 1 + i % 50,
+            "fail_at": if i % 11 == 0 { serde_json::json!(i % 5) } else { serde_json::Value::Null },
+        });
+        started.push(r.start(&conn, params).await);
+    }
+    for step in 0..60u64 {
+        tokio::time::sleep(Duration::from_millis(173)).await;
+        // Cancel some at the task service behind the hub's back.
+        if step % 7 == 0 {
+            for (_, bid) in started.iter().skip(step as usize).step_by(13) {
+                r.sim.cancel(bid, r.clock.now_ms());
+            }
+        }
+        assert_one_entry_per_live_task(&r).await;
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_one_entry_per_live_task(&r).await;
+    assert!(r.hub.live_task_ids().is_empty());
+    let snap = r.handle.snapshot().await.unwrap();
+    assert_eq!(
+        snap.expiring, 200,
+        "every finished task waits for its expiry"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_service_backs_off_then_gives_up() {
+    let clock = Clock::new();
+    let hub = Hub::new(clock);
+    let policy = PollPolicy {
+        poll_interval_ms: 500,
+        poll_min_ms: 100,
+        adaptive: false,
+        give_up_ms: 10_000,
+        retention_ms: 600_000,
+    };
+    // Port 1 on loopback: nothing listens, every request is refused.
+    let backend = Backend::http("http://127.0.0.1:1", Duration::from_secs(5), clock).unwrap();
+    let (scheduler, handle) = Scheduler::new(
+        hub.clone(),
+        backend.clone(),
+        policy,
+        Limits {
+            max_in_flight: 8,
+            max_polls_per_s: 0,
+        },
+    );
+    let (_stop, rx) = watch::channel(false);
+    tokio::spawn(scheduler.run(rx));
+    let (session, _) = hub.resolve_session(None);
+    let conn = hub.connect(session);
+    let id = hub.create_task(&conn, "r".into(), "simulate", "x");
+    handle.poll(id.clone(), Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+
+    let states: Vec<_> = drain(&conn)
+        .into_iter()
+        .filter_map(|m| match m {
+            ServerMsg::Task { task } => Some(task),
+            _ => None,
+        })
+        .collect();
+    let waits: Vec<String> = states
+        .iter()
+        .filter_map(|t| t.message.as_deref())
+        .filter_map(|m| m.split("next try in ").nth(1).map(str::to_string))
+        .collect();
+    // The coalescing outbox keeps only the newest state, so look at the last.
+    let last = states.last().unwrap();
+    assert_eq!(last.state, TaskState::Failed);
+    assert!(
+        last.error
+            .as_deref()
+            .unwrap()
+            .contains("unreachable for 10 s"),
+        "{last:?}"
+    );
+    assert!(waits.len() <= 1, "coalesced: {waits:?}");
+    assert!(backend.down_since_ms().is_some());
+    // A start while it is down fails at once.
+    let e = backend.start("simulate", &serde_json::json!({})).await;
+    assert!(matches!(
+        e,
+        Err(server::backend::BackendError::Unavailable { .. })
+    ));
+}

@@ -479,6 +479,16 @@ impl Hub {
         }
     }
 
+    /// The ids of every task not yet final (for invariant checks).
+    pub fn live_task_ids(&self) -> Vec<Arc<str>> {
+        let s = self.lock();
+        s.tasks
+            .iter()
+            .filter(|(_, t)| !t.task.state.is_final())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// A copy of one task, whoever owns it (for tests and the scheduler).
     pub fn task(&self, task_id: &str) -> Option<Task> {
         self.lock().tasks.get(task_id).map(|t| t.task.clone())
