@@ -68,13 +68,15 @@ pub struct SchedulerHandle {
 }
 
 /// Counters of the poll engine, in atomics so the hot path stays cheap.
-#[derive(Default, Debug)]
+#[derive(Default)]
 pub struct SchedulerStats {
     pub polls: AtomicU64,
     pub poll_errors: AtomicU64,
     pub deferred: AtomicU64,
     pub queue_depth: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Due → fired, of every poll.
+    pub lateness: m::MicrosHistogram,
 }
 
 impl SchedulerHandle {
@@ -250,6 +252,7 @@ impl Scheduler {
         }
         self.stats.polls.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(m::POLL_LATENESS_SECONDS).record(lateness.as_secs_f64());
+        self.stats.lateness.record(lateness);
         self.running.insert(task.clone());
         let hub = self.hub.clone();
         let backend = self.backend.clone();
