@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 const USAGE: &str = "\
@@ -402,6 +403,12 @@ struct ClientPlan {
     live: Arc<Live>,
 }
 
+/// tungstenite allocates a 128 KiB read buffer per connection by default:
+/// 128 MB for 1,000 clients. Frames here are a few hundred bytes.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(8 * 1024)
+}
+
 async fn client(plan: ClientPlan) -> ClientResult {
     let ClientPlan {
         index,
@@ -419,7 +426,7 @@ async fn client(plan: ClientPlan) -> ClientResult {
         let _permit = connect_permits.acquire().await.expect("semaphore");
         let connected = tokio::time::timeout(Duration::from_secs(30), async {
             let (mut ws, _) =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
                     .await
                     .map_err(|e| e.to_string())?;
             loop {
@@ -846,6 +853,11 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         "ramp_ms": opts.ramp_ms,
         "server_args": opts.server_args,
         "loadgen_threads": opts.threads,
+        "server_binary_mtime": std::fs::metadata(env!("CARGO_BIN_EXE_taskwire"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
         "tasks": total_tasks,
         "clients_connected": connected,
         "clients_disconnected": disconnected,

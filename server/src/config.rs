@@ -111,6 +111,61 @@ pub struct Config {
     /// (comma separated, e.g. `https://example.com`).
     #[arg(long, env = "TASKWIRE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    #[command(flatten)]
+    pub limits: ClientLimits,
+}
+
+/// What one client may do; every bound named, with its unit. Documented in
+/// docs/security.md.
+#[derive(Debug, Clone, Args)]
+pub struct ClientLimits {
+    /// Largest client message after reassembly; larger closes with 1009.
+    #[arg(long, env = "TASKWIRE_MAX_MESSAGE_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
+    pub max_message_bytes: u64,
+
+    /// Largest `params` of a `start`, serialised.
+    #[arg(long, env = "TASKWIRE_MAX_PARAMS_BYTES", default_value_t = 16_384)]
+    pub max_params_bytes: u64,
+
+    /// Client messages per second per connection (token bucket); beyond:
+    /// `rate_limited`.
+    #[arg(long, env = "TASKWIRE_CLIENT_MSGS_PER_S", default_value_t = 20)]
+    pub client_msgs_per_s: u64,
+
+    /// Messages a connection may send at once before the rate applies.
+    #[arg(long, env = "TASKWIRE_CLIENT_MSGS_BURST", default_value_t = 60)]
+    pub client_msgs_burst: u64,
+
+    /// `start`s per session per minute; beyond: `too_many_tasks`.
+    #[arg(long, env = "TASKWIRE_MAX_STARTS_PER_MIN", default_value_t = 120)]
+    pub max_starts_per_min: u64,
+
+    /// Tasks not yet final per session; beyond: `too_many_tasks`.
+    #[arg(
+        long,
+        env = "TASKWIRE_MAX_LIVE_TASKS_PER_SESSION",
+        default_value_t = 100
+    )]
+    pub max_live_tasks_per_session: u64,
+
+    /// WebSocket connections in total; beyond: HTTP 503 before the upgrade.
+    #[arg(long, env = "TASKWIRE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: u64,
+
+    /// A client whose writes stay blocked this long is closed (1013); it
+    /// gets what it missed from `welcome` when it reconnects.
+    #[arg(long, env = "TASKWIRE_SLOW_CLIENT_TIMEOUT_S", default_value_t = 30)]
+    pub slow_client_timeout_s: u64,
+
+    /// Ping every connection this often (s).
+    #[arg(long, env = "TASKWIRE_PING_INTERVAL_S", default_value_t = 20)]
+    pub ping_interval_s: u64,
+
+    /// A peer silent this long (no frame, no pong) is closed and forgotten (s).
+    #[arg(long, env = "TASKWIRE_PING_TIMEOUT_S", default_value_t = 45)]
+    pub ping_timeout_s: u64,
 }
 
 impl Config {

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod hub;
 pub mod metrics;
+pub mod rate;
 pub mod scheduler;
 pub mod session;
 pub mod sim;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub policy: Arc<PollPolicy>,
     /// The embedded simulator, when that is the backend.
     pub sim: Option<Arc<Simulator>>,
+    /// One permit per open WebSocket (`--max-connections`).
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl FromRef<AppState> for LeptosOptions {
@@ -128,6 +131,9 @@ impl Application {
         }
         leptos_options.site_addr = addr;
 
+        let connections = Arc::new(tokio::sync::Semaphore::new(
+            (config.limits.max_connections as usize).min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         let state = AppState {
             leptos_options,
             config: Arc::new(config),
@@ -136,6 +142,7 @@ impl Application {
             scheduler: handle,
             policy: Arc::new(policy),
             sim,
+            connections,
         };
         let router = router(state.clone());
         Ok(Application {

@@ -1,11 +1,14 @@
 //! `GET /ws`: one client connection. The reader parses each frame and acts
-//! on it; the writer drains the connection's outbox. Requests that wait on
-//! the task service run as their own tasks, bounded per connection, so a
-//! slow backend never stalls the reader.
+//! on it; the writer drains the connection's outbox, pings, and gives up on
+//! a peer that is silent or does not read. Requests that wait on the task
+//! service run as their own tasks, bounded per connection, so a slow backend
+//! never stalls the reader.
 
 use crate::backend::BackendError;
+use crate::config::ClientLimits;
 use crate::hub::{CancelTarget, CloseReason, Conn, Next};
 use crate::metrics as m;
+use crate::rate::TokenBucket;
 use crate::session::Session;
 use crate::AppState;
 use app::protocol::{ClientMsg, ErrorCode, Rejection, ServerMsg};
@@ -14,15 +17,18 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout, Instant};
 
-/// Largest client message, after reassembly of fragments (contract default).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// `start`/`cancel` requests of one connection waiting on the task service.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 16;
+/// How long a close frame may take to go out before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn handler(
     ws: WebSocketUpgrade,
@@ -33,9 +39,14 @@ pub async fn handler(
     if !origin_allowed(&headers, &state.config.allowed_origins) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    ws.max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| run(socket, state, session.token))
+    // Refused before the upgrade: a full server answers plain HTTP.
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    let max = state.config.limits.max_message_bytes as usize;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| run(socket, state, session.token, permit))
 }
 
 /// The contract's rule: no `Origin` is fine (not a browser); `null` never is;
@@ -60,69 +71,62 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-async fn run(socket: WebSocket, state: AppState, session: Arc<str>) {
+async fn run(socket: WebSocket, state: AppState, session: Arc<str>, _permit: OwnedSemaphorePermit) {
     let conn = Arc::new(state.hub.connect(session));
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let connections = metrics::gauge!(m::WS_CONNECTIONS);
     connections.increment(1.0);
 
-    let writer_conn = conn.clone();
-    let mut writer = tokio::spawn(async move {
-        let outbox = &writer_conn.outbox;
-        let sent = metrics::counter!(m::MESSAGES_SENT);
-        loop {
-            match outbox.pop() {
-                Next::Frame(frame) => {
-                    if sink.feed(Message::Text(frame)).await.is_err() {
-                        return;
-                    }
-                    sent.increment(1);
-                    // Flush once the queue is drained rather than per frame.
-                    if outbox.is_empty() && sink.flush().await.is_err() {
-                        return;
-                    }
-                }
-                Next::Close(reason) => {
-                    let (code, why) = match reason {
-                        CloseReason::Gone => return,
-                        CloseReason::Restart => (close_code::RESTART, "server restarting"),
-                        CloseReason::NotReading => (close_code::POLICY, "not reading"),
-                        CloseReason::TooBig => (close_code::SIZE, "message too big"),
-                    };
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: Utf8Bytes::from_static(why),
-                        })))
-                        .await;
-                    return;
-                }
-                Next::Empty => outbox.notified().await,
-            }
-        }
-    });
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        conn.clone(),
+        state.hub.clone(),
+        state.config.limits.clone(),
+    ));
 
+    let limits = &state.config.limits;
+    let mut bucket = TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst);
+    let started = Instant::now();
     let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     loop {
         tokio::select! {
             _ = &mut writer => break,
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => handle_text(&state, &conn, &requests, text.as_str()).await,
-                Some(Ok(Message::Binary(_))) => reply(&conn, Rejection {
-                    reference: None,
-                    code: ErrorCode::BadRequest,
-                    message: "binary frames are not part of the protocol; send JSON text".into(),
-                }.into()),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Err(e)) => {
-                    tracing::debug!(conn = conn.id, error = %e, "websocket read failed");
-                    if is_too_big(&e) {
-                        conn.outbox.close(CloseReason::TooBig);
-                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+            frame = stream.next() => {
+                let Some(frame) = frame else { break };
+                conn.last_seen_ms.store(state.hub.now_ms(), Ordering::Relaxed);
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::debug!(conn = conn.id, error = %e, "websocket read failed");
+                        if is_too_big(&e) {
+                            conn.outbox.close(CloseReason::TooBig);
+                            let _ = timeout(CLOSE_TIMEOUT, &mut writer).await;
+                        }
+                        break;
                     }
-                    break;
+                };
+                let text = match frame {
+                    Message::Text(text) => text,
+                    Message::Binary(_) => {
+                        reply(&conn, Rejection {
+                            reference: None,
+                            code: ErrorCode::BadRequest,
+                            message: "binary frames are not part of the protocol; send JSON text".into(),
+                        }.into());
+                        continue;
+                    }
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    Message::Close(_) => break,
+                };
+                if bucket.take(started.elapsed().as_secs_f64() * 1000.0).is_err() {
+                    reply(&conn, ServerMsg::error(
+                        reference_of(text.as_str()),
+                        ErrorCode::RateLimited,
+                        format!("at most {} messages per second", limits.client_msgs_per_s),
+                    ));
+                    continue;
                 }
+                handle_text(&state, &conn, &requests, text.as_str()).await;
             }
         }
     }
@@ -136,9 +140,91 @@ async fn run(socket: WebSocket, state: AppState, session: Arc<str>) {
     connections.decrement(1.0);
 }
 
+type Sink = SplitSink<WebSocket, Message>;
+
+/// Drains the outbox into the socket, pings every `ping_interval_s`, and
+/// closes a peer that is silent past `ping_timeout_s` or whose writes stay
+/// blocked past `slow_client_timeout_s` (a sleep until the next ping, not an
+/// interval: it is one per connection and restarts after each ping).
+async fn write_loop(mut sink: Sink, conn: Arc<Conn>, hub: crate::hub::Hub, limits: ClientLimits) {
+    let outbox = &conn.outbox;
+    let sent = metrics::counter!(m::MESSAGES_SENT);
+    let slow = Duration::from_secs(limits.slow_client_timeout_s.max(1));
+    let ping_every = Duration::from_secs(limits.ping_interval_s.max(1));
+    let mut next_ping = Instant::now() + ping_every;
+    loop {
+        match outbox.pop() {
+            Next::Frame(frame) => {
+                let wrote = timeout(slow, async {
+                    sink.feed(Message::Text(frame)).await?;
+                    // Flush once the queue is drained rather than per frame.
+                    if outbox.is_empty() {
+                        sink.flush().await?;
+                    }
+                    Ok::<_, axum::Error>(())
+                })
+                .await;
+                match wrote {
+                    Ok(Ok(())) => sent.increment(1),
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::info!(conn = conn.id, "closing a client that does not read");
+                        return close(&mut sink, close_code::AGAIN, "too slow; reconnect").await;
+                    }
+                }
+            }
+            Next::Close(reason) => {
+                let (code, why) = match reason {
+                    CloseReason::Gone => return,
+                    CloseReason::Restart => (close_code::RESTART, "server restarting"),
+                    CloseReason::NotReading => (close_code::POLICY, "not reading"),
+                    CloseReason::TooBig => (close_code::SIZE, "message too big"),
+                };
+                return close(&mut sink, code, why).await;
+            }
+            Next::Empty => {
+                tokio::select! {
+                    _ = outbox.notified() => {}
+                    _ = tokio::time::sleep_until(next_ping) => {
+                        let silent_ms = hub
+                            .now_ms()
+                            .saturating_sub(conn.last_seen_ms.load(Ordering::Relaxed));
+                        if silent_ms > limits.ping_timeout_s * 1000 {
+                            tracing::debug!(conn = conn.id, "peer silent; closing");
+                            return close(&mut sink, close_code::AWAY, "no answer to ping").await;
+                        }
+                        if timeout(slow, sink.send(Message::Ping(Default::default()))).await.is_err() {
+                            return;
+                        }
+                        next_ping = Instant::now() + ping_every;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn close(sink: &mut Sink, code: u16, why: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(why),
+    }));
+    let _ = timeout(CLOSE_TIMEOUT, sink.send(frame)).await;
+}
+
 fn is_too_big(e: &axum::Error) -> bool {
     let text = e.to_string();
     text.contains("too long") || text.contains("too big") || text.contains("Space limit")
+}
+
+/// The `ref` of a frame that will not be handled, if it has a valid one.
+fn reference_of(text: &str) -> Option<String> {
+    match ClientMsg::parse(text) {
+        Ok(ClientMsg::Start { reference, .. }) => Some(reference),
+        Ok(ClientMsg::Cancel { reference, .. }) => reference,
+        Ok(_) => None,
+        Err(r) => r.reference,
+    }
 }
 
 fn reply(conn: &Conn, msg: ServerMsg) {
@@ -162,13 +248,37 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
             kind,
             params,
         } => {
+            let limits = &state.config.limits;
+            let params_bytes = serde_json::to_string(&params).map_or(usize::MAX, |s| s.len());
+            if params_bytes as u64 > limits.max_params_bytes {
+                return reply(
+                    conn,
+                    ServerMsg::error(
+                        Some(reference),
+                        ErrorCode::BadRequest,
+                        format!("`params` is over {} bytes", limits.max_params_bytes),
+                    ),
+                );
+            }
+            if let Err(why) = state.hub.admit_start(
+                conn,
+                limits.max_starts_per_min,
+                limits.max_live_tasks_per_session,
+            ) {
+                return reply(
+                    conn,
+                    ServerMsg::error(Some(reference), ErrorCode::TooManyTasks, why),
+                );
+            }
             let Ok(permit) = requests.clone().try_acquire_owned() else {
+                state.hub.start_done(conn);
                 return reply(conn, busy(Some(reference)));
             };
             let (state, conn) = (state.clone(), conn.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 start(&state, &conn, reference, &kind, &params).await;
+                state.hub.start_done(&conn);
             });
         }
         ClientMsg::Cancel { reference, task } => {

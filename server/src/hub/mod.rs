@@ -10,7 +10,7 @@ use crate::scheduler::policy::{Decision, Observed, PollPolicy};
 use app::protocol::{ServerMsg, Task, TaskMsgRef, TaskState, PROTOCOL_VERSION};
 use axum::extract::ws::Utf8Bytes;
 pub use outbox::{CloseReason, Next, Outbox};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -44,6 +44,10 @@ struct SessionEntry {
     /// The session's tasks, oldest first.
     tasks: Vec<Arc<str>>,
     conns: u32,
+    /// When its recent `start`s were admitted (ms), at most the per-minute cap.
+    recent_starts: VecDeque<u64>,
+    /// Starts admitted and still waiting on the task service.
+    starts_pending: u32,
 }
 
 struct TaskEntry {
@@ -69,6 +73,8 @@ pub struct Conn {
     pub id: ConnId,
     pub session: Arc<str>,
     pub outbox: Arc<Outbox>,
+    /// When the peer last sent anything, pongs included (Unix ms).
+    pub last_seen_ms: AtomicU64,
 }
 
 /// The hub's sizes, for tests and metrics.
@@ -173,6 +179,51 @@ impl Hub {
             id,
             session,
             outbox,
+            last_seen_ms: AtomicU64::new(self.now_ms()),
+        }
+    }
+
+    /// Admits one `start` of `conn`'s session, or says which limit it hits:
+    /// at most `per_min` starts a minute and `max_live` tasks not yet final
+    /// (starts still waiting on the task service count). An admitted start
+    /// must be followed by [`Hub::start_done`].
+    pub fn admit_start(&self, conn: &Conn, per_min: u64, max_live: u64) -> Result<(), String> {
+        let now = self.now_ms();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(entry) = s.sessions.get_mut(&conn.session) else {
+            return Err("unknown session".into());
+        };
+        while entry
+            .recent_starts
+            .front()
+            .is_some_and(|&t| now.saturating_sub(t) >= 60_000)
+        {
+            entry.recent_starts.pop_front();
+        }
+        if entry.recent_starts.len() as u64 >= per_min {
+            return Err(format!("at most {per_min} tasks may be started per minute"));
+        }
+        let live = entry
+            .tasks
+            .iter()
+            .filter(|id| s.tasks.get(*id).is_some_and(|t| !t.task.state.is_final()))
+            .count() as u64
+            + entry.starts_pending as u64;
+        if live >= max_live {
+            return Err(format!(
+                "at most {max_live} tasks may run at once in a session"
+            ));
+        }
+        entry.recent_starts.push_back(now);
+        entry.starts_pending += 1;
+        Ok(())
+    }
+
+    /// An admitted start got its answer (task created, or refused).
+    pub fn start_done(&self, conn: &Conn) {
+        if let Some(e) = self.lock().sessions.get_mut(&conn.session) {
+            e.starts_pending = e.starts_pending.saturating_sub(1);
         }
     }
 

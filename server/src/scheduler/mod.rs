@@ -5,14 +5,13 @@
 //! task's next entry.
 
 pub mod policy;
-pub mod rate;
 
 use crate::backend::{Backend, BackendError};
 use crate::hub::Hub;
 use crate::metrics as m;
+use crate::rate::TokenBucket;
 use futures::StreamExt;
 use policy::{Decision, PollPolicy};
-use rate::TokenBucket;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! A token bucket: the cap on polls per second to the task service. Pure:
-//! the caller passes the time, so it is tested without a clock.
+//! A token bucket, for every "at most N per second" limit (polls to the
+//! task service, messages from a client). Pure: the caller passes the
+//! time, so it is tested without a clock.
 
 use std::time::Duration;
 
