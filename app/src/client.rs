@@ -1,16 +1,18 @@
 //! The browser's end of the WebSocket: connects on load, applies every
 //! server message to the page state, sends what the page queues, and
-//! reconnects by itself with exponential backoff and jitter.
+//! reconnects by itself with exponential backoff and full jitter. Also the
+//! page's clock tick, the online/offline events and finish notifications.
 
-use crate::protocol::{ServerMsg, Task};
+use crate::protocol::{ErrorCode, ServerMsg, Task};
 use crate::store;
-use crate::ui::{ConnState, PageState};
+use crate::ui::{ConnState, FormError, PageState};
 use futures::channel::mpsc::Receiver;
 use futures::future::{select, Either};
 use futures::{SinkExt, StreamExt};
 use gloo_net::websocket::{futures::WebSocket, Message};
 use leptos::prelude::*;
 use std::time::Duration;
+use web_sys::js_sys;
 
 /// Messages the page may queue for sending.
 pub const OUTGOING_QUEUE_LEN: usize = 64;
@@ -18,6 +20,16 @@ const BACKOFF_FIRST_MS: f64 = 500.0;
 const BACKOFF_MAX_MS: f64 = 15_000.0;
 
 pub fn start(page: PageState, mut outgoing: Receiver<String>) {
+    page.now.set(js_sys::Date::now() as u64);
+    // The clock the elapsed times and the reconnect countdown read.
+    set_interval(
+        move || page.now.set(js_sys::Date::now() as u64),
+        Duration::from_secs(1),
+    );
+    let _ = window_event_listener(leptos::ev::offline, move |_| {
+        page.conn.set(ConnState::Offline)
+    });
+
     leptos::task::spawn_local(async move {
         let mut attempt: i32 = 0;
         loop {
@@ -41,19 +53,27 @@ pub fn start(page: PageState, mut outgoing: Receiver<String>) {
                     }
                 }
             }
-            page.conn.set(ConnState::Reconnecting);
-            // Full jitter: spread the reconnects of many pages after a restart.
+            // Full jitter: many pages cut off by one restart spread out.
             let cap = (BACKOFF_FIRST_MS * 2f64.powi(attempt)).min(BACKOFF_MAX_MS);
-            let wait = cap / 2.0 + web_sys::js_sys::Math::random() * cap / 2.0;
+            let wait = cap / 2.0 + js_sys::Math::random() * cap / 2.0;
             attempt = (attempt + 1).min(16);
+            let online = web_sys::window().is_some_and(|w| w.navigator().on_line());
+            page.conn.set(if online {
+                ConnState::Reconnecting
+            } else {
+                ConnState::Offline
+            });
+            page.reconnect_at
+                .set(js_sys::Date::now() as u64 + wait as u64);
             sleep(Duration::from_millis(wait as u64)).await;
+            page.conn.set(ConnState::Connecting);
         }
     });
 }
 
 /// Applies one server frame. Returns true for `welcome`.
 fn on_message(page: PageState, text: &str) -> bool {
-    let Ok(msg) = serde_json::from_str::<ServerMsg>(text) else {
+    let Some(msg) = ServerMsg::from_json(text) else {
         return false;
     };
     match msg {
@@ -62,21 +82,61 @@ fn on_message(page: PageState, text: &str) -> bool {
             page.conn.set(ConnState::Connected);
             return true;
         }
-        ServerMsg::Task { task } | ServerMsg::Accepted { task, .. } => upsert(page, task),
-        ServerMsg::Error { code, message, .. } => page
-            .start_error
-            .set(Some(format!("{}: {message}", code.as_str()))),
+        ServerMsg::Accepted { task, .. } => {
+            page.form_error.set(None);
+            upsert(page, task);
+        }
+        ServerMsg::Task { task } => upsert(page, task),
+        ServerMsg::Error {
+            reference,
+            code,
+            message,
+        } => {
+            let text = format!("{}: {message}", code.as_str());
+            let from_form = reference
+                .as_deref()
+                .is_some_and(|r| r.starts_with("start-"));
+            if from_form || code == ErrorCode::InvalidParams {
+                page.form_error.set(Some(FormError::about(text)));
+            } else {
+                page.toast(text, crate::protocol::TaskState::Failed);
+            }
+        }
     }
     false
 }
 
 fn upsert(page: PageState, task: Task) {
-    let changed = page
+    let short = task.id.chars().take(9).collect::<String>();
+    let state = task.state;
+    let kind = task.kind.clone();
+    let outcome = page
         .tasks
         .try_update_untracked(|list| store::upsert(list, task));
-    if changed == Some(true) {
+    let Some((changed, became_final)) = outcome else {
+        return;
+    };
+    if changed {
         page.tasks.notify();
     }
+    if became_final {
+        let text = format!("{kind} {short} {}", state.as_str());
+        page.toast(text.clone(), state);
+        notify(&text);
+    }
+}
+
+/// A browser notification, if the user allowed them.
+fn notify(text: &str) {
+    use web_sys::{Notification, NotificationPermission};
+    if Notification::permission() == NotificationPermission::Granted {
+        let _ = Notification::new(&format!("taskwire: {text}"));
+    }
+}
+
+/// Asks for permission to show browser notifications.
+pub fn ask_notifications() {
+    let _ = web_sys::Notification::request_permission();
 }
 
 fn ws_url() -> String {

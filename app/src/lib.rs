@@ -4,17 +4,26 @@
 
 pub mod protocol;
 pub mod store;
-mod ui;
+pub mod ui;
 
 #[cfg(feature = "hydrate")]
 mod client;
 
-pub use ui::App;
+pub use ui::{App, InitialTasks};
+
+/// The id of the `<script>` in the page's head holding the session's tasks
+/// at render time, for hydration to start from.
+pub const INITIAL_TASKS_ID: &str = "tw-initial";
 
 #[cfg(feature = "ssr")]
 pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::IntoView {
     use leptos::prelude::*;
     use leptos_meta::MetaTags;
+    // `</` could end the script early; `<\/` is the same JSON string.
+    let initial = use_context::<InitialTasks>()
+        .and_then(|i| serde_json::to_string(&i.0).ok())
+        .unwrap_or_else(|| "[]".into())
+        .replace("</", "<\\/");
     view! {
         <!DOCTYPE html>
         <html lang="en">
@@ -26,6 +35,7 @@ pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::I
                 <AutoReload options=options.clone()/>
                 <HydrationScripts options/>
                 <MetaTags/>
+                <script id=INITIAL_TASKS_ID type="application/json" inner_html=initial></script>
             </head>
             <body>
                 <App/>

@@ -1,9 +1,10 @@
-//! The page: a form to start a simulated task, the connection indicator and
-//! the session's tasks with live progress bars. The server renders it (with
-//! an empty list) and the browser hydrates it, then fills it from the
-//! WebSocket's `welcome` and keeps it live.
+//! The page: the start form, the connection indicator, the session's tasks as
+//! live cards (progress bar, rate, ETA, sparkline), filters and toasts. The
+//! server renders it with the session's tasks already in it; the browser
+//! hydrates it and keeps it live from the WebSocket.
 
 use crate::protocol::{ClientMsg, Task, TaskState};
+use crate::store::{self, TaskView};
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, Stylesheet, Title};
 
@@ -14,6 +15,7 @@ pub enum ConnState {
     Connecting,
     Connected,
     Reconnecting,
+    Offline,
 }
 
 impl ConnState {
@@ -22,6 +24,52 @@ impl ConnState {
             ConnState::Connecting => "connecting",
             ConnState::Connected => "connected",
             ConnState::Reconnecting => "reconnecting",
+            ConnState::Offline => "offline",
+        }
+    }
+}
+
+/// An error about the form, next to the field it concerns when known.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FormError {
+    pub field: Option<&'static str>,
+    pub text: String,
+}
+
+impl FormError {
+    /// Finds the field a message is about by the names it mentions.
+    pub fn about(text: String) -> Self {
+        let field = ["duration_ms", "steps", "fail_at"]
+            .into_iter()
+            .find(|f| text.contains(f));
+        FormError { field, text }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Toast {
+    pub id: u64,
+    pub text: String,
+    pub state: TaskState,
+}
+
+/// Toasts on screen at once; older ones give way.
+pub const MAX_TOASTS: usize = 5;
+
+/// Which tasks the list shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    All,
+    Running,
+    State(TaskState),
+}
+
+impl Filter {
+    fn shows(self, state: TaskState) -> bool {
+        match self {
+            Filter::All => true,
+            Filter::Running => !state.is_final(),
+            Filter::State(s) => s == state,
         }
     }
 }
@@ -29,19 +77,78 @@ impl ConnState {
 /// The page's reactive state, shared by its parts.
 #[derive(Clone, Copy)]
 pub struct PageState {
-    pub tasks: RwSignal<Vec<Task>>,
+    pub tasks: RwSignal<Vec<TaskView>>,
     pub conn: RwSignal<ConnState>,
-    /// The last error about starting (or cancelling) a task.
-    pub start_error: RwSignal<Option<String>>,
+    /// When the next reconnect is due (Unix ms), while reconnecting.
+    pub reconnect_at: RwSignal<u64>,
+    /// The browser's clock, ticking each second; 0 until hydrated (so the
+    /// server's render and the first client render agree).
+    pub now: RwSignal<u64>,
+    pub form_error: RwSignal<Option<FormError>>,
+    pub toasts: RwSignal<Vec<Toast>>,
+}
+
+impl PageState {
+    pub fn toast(&self, text: String, state: TaskState) {
+        let id = self
+            .toasts
+            .with_untracked(|t| t.last().map_or(0, |t| t.id + 1));
+        self.toasts.update(|t| {
+            t.push(Toast { id, text, state });
+            if t.len() > MAX_TOASTS {
+                t.remove(0);
+            }
+        });
+        #[cfg(feature = "hydrate")]
+        {
+            let toasts = self.toasts;
+            set_timeout(
+                move || toasts.update(|t| t.retain(|x| x.id != id)),
+                std::time::Duration::from_secs(6),
+            );
+        }
+    }
+}
+
+/// The session's tasks as the server knows them at render time.
+#[derive(Clone, Debug, Default)]
+pub struct InitialTasks(pub Vec<Task>);
+
+/// On the server, from context; in the browser, from the JSON the server
+/// wrote into the page's head, so hydration starts from the same list.
+fn initial_tasks() -> Vec<Task> {
+    #[cfg(feature = "ssr")]
+    {
+        use_context::<InitialTasks>()
+            .map(|i| i.0)
+            .unwrap_or_default()
+    }
+    #[cfg(all(feature = "hydrate", not(feature = "ssr")))]
+    {
+        document()
+            .get_element_by_id(crate::INITIAL_TASKS_ID)
+            .and_then(|e| e.text_content())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+    #[cfg(not(any(feature = "ssr", feature = "hydrate")))]
+    {
+        Vec::new()
+    }
 }
 
 #[component]
 pub fn App() -> impl IntoView {
     provide_meta_context();
+    let mut initial: Vec<TaskView> = Vec::new();
+    store::replace_all(&mut initial, initial_tasks());
     let page = PageState {
-        tasks: RwSignal::new(Vec::new()),
+        tasks: RwSignal::new(initial),
         conn: RwSignal::new(ConnState::Connecting),
-        start_error: RwSignal::new(None),
+        reconnect_at: RwSignal::new(0),
+        now: RwSignal::new(0),
+        form_error: RwSignal::new(None),
+        toasts: RwSignal::new(Vec::new()),
     };
     let hydrated = RwSignal::new(false);
 
@@ -50,17 +157,23 @@ pub fn App() -> impl IntoView {
         let (tx, rx) = futures::channel::mpsc::channel::<String>(crate::client::OUTGOING_QUEUE_LEN);
         let tx = std::sync::Mutex::new(tx);
         let send = Callback::new(move |msg: ClientMsg| {
-            if page.conn.get_untracked() != ConnState::Connected {
-                page.start_error
-                    .set(Some("not connected to the server; retrying".into()));
-                return;
-            }
-            let sent = tx
+            let start = matches!(msg, ClientMsg::Start { .. });
+            let problem = if page.conn.get_untracked() != ConnState::Connected {
+                Some("not connected to the server; retrying")
+            } else if !tx
                 .lock()
-                .is_ok_and(|mut tx| tx.try_send(msg.to_json()).is_ok());
-            if !sent {
-                page.start_error
-                    .set(Some("too many requests waiting; try again".into()));
+                .is_ok_and(|mut tx| tx.try_send(msg.to_json()).is_ok())
+            {
+                Some("too many requests waiting; try again")
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                if start {
+                    page.form_error.set(Some(FormError::about(p.into())));
+                } else {
+                    page.toast(p.into(), TaskState::Failed);
+                }
             }
         });
         (send, Some(rx))
@@ -77,25 +190,57 @@ pub fn App() -> impl IntoView {
         hydrated.set(true);
     });
 
+    let running = move || {
+        page.tasks
+            .with(|t| t.iter().filter(|v| !v.task.state.is_final()).count())
+    };
+    let title = move || match running() {
+        0 => "taskwire".to_string(),
+        n => format!("({n} running) taskwire"),
+    };
+    let filter = RwSignal::new(Filter::All);
+
     view! {
         <Stylesheet id="leptos" href="/pkg/taskwire.css"/>
-        <Title text="taskwire"/>
+        <Title text=title/>
         <main data-hydrated=move || hydrated.get().then_some("true")>
             <header class="top">
                 <h1>"taskwire"</h1>
-                <ConnIndicator conn=page.conn/>
+                <button type="button" class="secondary notify" title="Notify me when a task finishes"
+                    on:click=move |_| {
+                        #[cfg(feature = "hydrate")]
+                        crate::client::ask_notifications();
+                    }>
+                    "🔔"
+                </button>
+                <ConnIndicator page/>
             </header>
-            <StartForm send=send error=page.start_error/>
-            <TaskList tasks=page.tasks send=send/>
+            <StartForm send page/>
+            <Toolbar page filter send/>
+            <TaskList page filter send/>
+            <Toasts toasts=page.toasts/>
         </main>
     }
 }
 
 #[component]
-fn ConnIndicator(conn: RwSignal<ConnState>) -> impl IntoView {
+fn ConnIndicator(page: PageState) -> impl IntoView {
+    let text = move || match page.conn.get() {
+        ConnState::Reconnecting => {
+            let now = page.now.get();
+            let at = page.reconnect_at.get();
+            if now == 0 || at <= now {
+                "reconnecting…".to_string()
+            } else {
+                format!("reconnecting in {} s", (at - now).div_ceil(1000))
+            }
+        }
+        ConnState::Connecting => "connecting…".to_string(),
+        s => s.as_str().to_string(),
+    };
     view! {
-        <span id="conn" class="conn" data-state=move || conn.get().as_str() role="status">
-            {move || conn.get().as_str()}
+        <span id="conn" class="conn" data-state=move || page.conn.get().as_str() role="status" aria-live="polite">
+            {text}
         </span>
     }
 }
@@ -105,119 +250,276 @@ pub fn simulate_params(
     duration_ms: &str,
     steps: &str,
     fail_at: &str,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, FormError> {
+    let err = |field, text: &str| FormError {
+        field: Some(field),
+        text: text.to_string(),
+    };
     let duration_ms: u64 = duration_ms
         .trim()
         .parse()
         .ok()
         .filter(|d| (1..=86_400_000).contains(d))
-        .ok_or("duration must be a whole number of milliseconds, 1 to 86400000")?;
+        .ok_or_else(|| {
+            err(
+                "duration_ms",
+                "duration must be a whole number of milliseconds, 1 to 86400000",
+            )
+        })?;
     let steps: u64 = steps
         .trim()
         .parse()
         .ok()
         .filter(|s| (1..=1_000_000_000).contains(s))
-        .ok_or("steps must be a whole number, 1 to 1000000000")?;
+        .ok_or_else(|| err("steps", "steps must be a whole number, 1 to 1000000000"))?;
     let fail_at = match fail_at.trim() {
         "" => None,
         f => Some(
             f.parse::<u64>()
                 .ok()
                 .filter(|f| *f <= steps)
-                .ok_or("fail at must be empty or a step from 0 to steps")?,
+                .ok_or_else(|| err("fail_at", "fail at must be empty or a step from 0 to steps"))?,
         ),
     };
     Ok(serde_json::json!({ "duration_ms": duration_ms, "steps": steps, "fail_at": fail_at }))
 }
 
 #[component]
-fn StartForm(send: Callback<ClientMsg>, error: RwSignal<Option<String>>) -> impl IntoView {
+fn Field(
+    name: &'static str,
+    label: &'static str,
+    value: RwSignal<String>,
+    error: RwSignal<Option<FormError>>,
+    #[prop(optional)] placeholder: &'static str,
+    min: &'static str,
+) -> impl IntoView {
+    let err_id = format!("err-{name}");
+    let mine = move || {
+        error.with(|e| {
+            e.as_ref()
+                .filter(|e| e.field == Some(name))
+                .map(|e| e.text.clone())
+        })
+    };
+    view! {
+        <label>
+            {label}
+            <input name=name type="number" min=min inputmode="numeric" placeholder=placeholder
+                aria-invalid=move || mine().map(|_| "true")
+                aria-describedby=err_id.clone()
+                prop:value=move || value.get()
+                on:input=move |ev| value.set(event_target_value(&ev))/>
+            <span class="field-error" id=err_id>{mine}</span>
+        </label>
+    }
+}
+
+#[component]
+fn StartForm(send: Callback<ClientMsg>, page: PageState) -> impl IntoView {
     let duration = RwSignal::new("10000".to_string());
     let steps = RwSignal::new("100".to_string());
     let fail_at = RwSignal::new(String::new());
     let started = StoredValue::new(0u64);
+    let error = page.form_error;
 
-    let on_submit = move |ev: leptos::ev::SubmitEvent| {
-        ev.prevent_default();
-        match simulate_params(
-            &duration.get_untracked(),
-            &steps.get_untracked(),
-            &fail_at.get_untracked(),
-        ) {
-            Err(e) => error.set(Some(e)),
-            Ok(params) => {
-                error.set(None);
+    let start = move |count: u32| match simulate_params(
+        &duration.get_untracked(),
+        &steps.get_untracked(),
+        &fail_at.get_untracked(),
+    ) {
+        Err(e) => error.set(Some(e)),
+        Ok(params) => {
+            error.set(None);
+            for _ in 0..count {
                 started.update_value(|n| *n += 1);
                 send.run(ClientMsg::Start {
                     reference: format!("start-{}", started.get_value()),
                     kind: "simulate".into(),
-                    params,
+                    params: params.clone(),
                 });
             }
         }
     };
+    let on_submit = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        start(1);
+    };
 
     view! {
         <form id="start-form" class="start" on:submit=on_submit novalidate>
-            <label>
-                "Duration (ms)"
-                <input name="duration_ms" type="number" min="1" max="86400000" required
-                    prop:value=move || duration.get()
-                    on:input=move |ev| duration.set(event_target_value(&ev))/>
-            </label>
-            <label>
-                "Steps"
-                <input name="steps" type="number" min="1" max="1000000000" required
-                    prop:value=move || steps.get()
-                    on:input=move |ev| steps.set(event_target_value(&ev))/>
-            </label>
-            <label>
-                "Fail at step (optional)"
-                <input name="fail_at" type="number" min="0" placeholder="never"
-                    prop:value=move || fail_at.get()
-                    on:input=move |ev| fail_at.set(event_target_value(&ev))/>
-            </label>
-            <button type="submit">"Start"</button>
-            <p id="start-error" class="form-error" role="alert">{move || error.get()}</p>
+            <Field name="duration_ms" label="Duration (ms)" value=duration error min="1"/>
+            <Field name="steps" label="Steps" value=steps error min="1"/>
+            <Field name="fail_at" label="Fail at step (optional)" value=fail_at error min="0" placeholder="never"/>
+            <div class="actions">
+                <button type="submit">"Start"</button>
+                <button type="button" class="secondary" id="start-10" on:click=move |_| start(10)>"Start 10"</button>
+            </div>
+            <p id="start-error" class="form-error" role="alert">{move || error.get().map(|e| e.text)}</p>
         </form>
     }
 }
 
 #[component]
-fn TaskList(tasks: RwSignal<Vec<Task>>, send: Callback<ClientMsg>) -> impl IntoView {
-    let ids = move || tasks.with(|ts| ts.iter().map(|t| t.id.clone()).collect::<Vec<_>>());
+fn Toolbar(page: PageState, filter: RwSignal<Filter>, send: Callback<ClientMsg>) -> impl IntoView {
+    let count = move |f: Filter| {
+        page.tasks
+            .with(|t| t.iter().filter(|v| f.shows(v.task.state)).count())
+    };
+    let button = move |f: Filter, label: &'static str| {
+        view! {
+            <button type="button" class="chip" aria-pressed=move || (filter.get() == f).to_string()
+                data-filter=label on:click=move |_| filter.set(f)>
+                {label} " " <span class="n">{move || count(f)}</span>
+            </button>
+        }
+    };
+    let clear = move |_| {
+        let finished: Vec<String> = page.tasks.with_untracked(|t| {
+            t.iter()
+                .filter(|v| v.task.state.is_final())
+                .map(|v| v.task.id.clone())
+                .collect()
+        });
+        page.tasks
+            .update(|t| t.retain(|v| !v.task.state.is_final()));
+        for task in finished {
+            send.run(ClientMsg::Forget { task });
+        }
+    };
     view! {
-        <section class="tasks">
-            <h2>"Tasks"</h2>
-            <Show when=move || tasks.with(|t| t.is_empty())>
+        <nav class="toolbar" aria-label="Filter tasks">
+            {button(Filter::All, "all")}
+            {button(Filter::Running, "running")}
+            {button(Filter::State(TaskState::Succeeded), "succeeded")}
+            {button(Filter::State(TaskState::Failed), "failed")}
+            {button(Filter::State(TaskState::Cancelled), "cancelled")}
+            <button type="button" class="secondary clear" id="clear-finished" on:click=clear
+                disabled=move || count(Filter::Running) == count(Filter::All)>
+                "Clear finished"
+            </button>
+        </nav>
+    }
+}
+
+#[component]
+fn TaskList(page: PageState, filter: RwSignal<Filter>, send: Callback<ClientMsg>) -> impl IntoView {
+    let ids = move || {
+        let f = filter.get();
+        page.tasks.with(|ts| {
+            ts.iter()
+                .filter(|v| f.shows(v.task.state))
+                .map(|v| v.task.id.clone())
+                .collect::<Vec<_>>()
+        })
+    };
+    view! {
+        <section class="tasks" aria-label="Tasks">
+            <Show when=move || page.tasks.with(|t| t.is_empty())>
                 <p class="empty">"No tasks yet: start one above."</p>
             </Show>
             <ul id="tasks">
-                <For each=ids key=|id| id.clone() children=move |id| view! { <TaskCard id tasks send/> }/>
+                <For each=ids key=|id| id.clone() children=move |id| view! { <TaskCard id page send/> }/>
             </ul>
         </section>
     }
 }
 
-#[component]
-fn TaskCard(id: String, tasks: RwSignal<Vec<Task>>, send: Callback<ClientMsg>) -> impl IntoView {
-    let task = {
-        let id = id.clone();
-        Memo::new(move |_| tasks.with(|ts| ts.iter().find(|t| t.id == id).cloned()))
+/// `1.2 s`, `3 m 05 s`, `2 h 01 m`.
+pub fn fmt_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{}.{} s", s, (ms % 1000) / 100)
+    } else if s < 3600 {
+        format!("{} m {:02} s", s / 60, s % 60)
+    } else {
+        format!("{} h {:02} m", s / 3600, (s % 3600) / 60)
+    }
+}
+
+/// One decimal without float formatting (keeps it out of the wasm).
+fn fmt_rate(per_s: f64) -> String {
+    let tenths = (per_s * 10.0).round() as u64;
+    format!("{}.{}/s", tenths / 10, tenths % 10)
+}
+
+fn fmt_params(params: &serde_json::Value) -> String {
+    let get = |k: &str| params.get(k).and_then(|v| v.as_u64());
+    let mut parts = vec![];
+    if let Some(d) = get("duration_ms") {
+        parts.push(format!(
+            "{} over {}",
+            get("steps").unwrap_or(0),
+            fmt_duration(d)
+        ));
+    }
+    if let Some(f) = get("fail_at") {
+        parts.push(format!("fails at {f}"));
+    }
+    parts.join(" · ")
+}
+
+/// The sparkline's points: progress over time in a 100 × 20 box.
+pub fn spark_points(samples: &[(u64, u64)], total: Option<u64>) -> String {
+    let (Some(&(t0, _)), Some(&(t1, _))) = (samples.first(), samples.last()) else {
+        return String::new();
     };
-    let state =
-        Memo::new(move |_| task.with(|t| t.as_ref().map_or(TaskState::Queued, |t| t.state)));
-    let pct = Memo::new(move |_| task.with(|t| t.as_ref().and_then(Task::percent)));
-    let field = move |f: fn(&Task) -> Option<String>| move || task.with(|t| t.as_ref().and_then(f));
-    let message = field(|t| t.message.clone());
-    let error = field(|t| t.error.clone());
-    let kind = field(|t| Some(t.kind.clone()));
-    let count = field(|t| {
-        Some(match t.total {
-            Some(total) => format!("{} / {}", t.done, total),
-            None => format!("{} / ?", t.done),
+    let span = (t1 - t0).max(1);
+    let max = total
+        .unwrap_or_else(|| samples.iter().map(|s| s.1).max().unwrap_or(1))
+        .max(1);
+    samples
+        .iter()
+        .map(|&(t, d)| format!("{},{}", (t - t0) * 100 / span, 20 - d.min(max) * 20 / max))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[component]
+fn TaskCard(id: String, page: PageState, send: Callback<ClientMsg>) -> impl IntoView {
+    let view_of = {
+        let id = id.clone();
+        Memo::new(move |_| {
+            page.tasks
+                .with(|ts| ts.iter().find(|v| v.task.id == id).cloned())
         })
+    };
+    let task = move |f: fn(&Task) -> String| {
+        move || view_of.with(|v| v.as_ref().map(|v| f(&v.task)).unwrap_or_default())
+    };
+    let state = Memo::new(move |_| {
+        view_of.with(|v| v.as_ref().map_or(TaskState::Queued, |v| v.task.state))
     });
+    let pct = Memo::new(move |_| view_of.with(|v| v.as_ref().and_then(|v| v.task.percent())));
+    let live = move || !state.get().is_final();
+    let elapsed = move || {
+        let now = page.now.get();
+        view_of.with(|v| {
+            v.as_ref().map(|v| {
+                let t = &v.task;
+                let end = if t.state.is_final() {
+                    t.updated_ms
+                } else {
+                    now.max(t.updated_ms)
+                };
+                fmt_duration(end.saturating_sub(t.created_ms))
+            })
+        })
+    };
+    let rate = move || view_of.with(|v| v.as_ref().and_then(|v| v.rate()).map(fmt_rate));
+    let eta = move || {
+        view_of.with(|v| {
+            v.as_ref()
+                .and_then(|v| v.eta_ms())
+                .map(|ms| format!("ETA {}", fmt_duration(ms)))
+        })
+    };
+    let spark = move || {
+        view_of.with(|v| {
+            v.as_ref()
+                .map(|v| spark_points(&v.samples, v.task.total))
+                .unwrap_or_default()
+        })
+    };
     let label = format!("progress of task {id}");
     let cancel_id = id.clone();
     let cancel = move |_| {
@@ -230,32 +532,59 @@ fn TaskCard(id: String, tasks: RwSignal<Vec<Task>>, send: Callback<ClientMsg>) -
     view! {
         <li class="task" data-task-id=id.clone() data-state=move || state.get().as_str()>
             <div class="task-head">
-                <span class="kind">{kind}</span>
-                <code class="task-id">{id.clone()}</code>
+                <span class="kind">{task(|t| t.kind.clone())}</span>
+                <span class="params">{task(|t| t.params.as_ref().map(fmt_params).unwrap_or_default())}</span>
                 <span class=move || format!("state badge badge-{}", state.get().as_str())>
                     {move || state.get().as_str()}
                 </span>
             </div>
-            <div class="bar" role="progressbar" aria-label=label aria-valuemin="0" aria-valuemax="100"
-                aria-valuenow=move || pct.get().map(|p| p.to_string())>
-                <div class="fill" style:width=move || format!("{}%", pct.get().unwrap_or(0))></div>
+            <div class="bar-row">
+                <div class="bar" role="progressbar" aria-label=label aria-valuemin="0" aria-valuemax="100"
+                    aria-valuenow=move || pct.get().map(|p| p.to_string())>
+                    <div class="fill" style:width=move || format!("{}%", pct.get().unwrap_or(0))></div>
+                </div>
+                <svg class="spark" viewBox="0 0 100 20" preserveAspectRatio="none" aria-hidden="true">
+                    <polyline points=spark/>
+                </svg>
             </div>
             <div class="meta">
                 <span class="pct">{move || pct.get().map_or_else(|| "…".to_string(), |p| format!("{p}%"))}</span>
-                <span class="count">{count}</span>
-                <Show when=move || !state.get().is_final()>
+                <span class="count">{task(|t| match t.total {
+                    Some(total) => format!("{} / {}", t.done, total),
+                    None => format!("{} / ?", t.done),
+                })}</span>
+                <span class="elapsed" title="elapsed">{elapsed}</span>
+                <span class="rate">{rate}</span>
+                <span class="eta">{move || live().then(eta)}</span>
+                <Show when=live>
                     <button class="cancel" type="button" on:click=cancel.clone()>"Cancel"</button>
                 </Show>
             </div>
-            <p class="message">{message}</p>
-            <p class="error">{error}</p>
+            <p class="message">{task(|t| t.message.clone().unwrap_or_default())}</p>
+            <p class="error">{task(|t| t.error.clone().unwrap_or_default())}</p>
+            <code class="task-id">{id.clone()}</code>
         </li>
+    }
+}
+
+#[component]
+fn Toasts(toasts: RwSignal<Vec<Toast>>) -> impl IntoView {
+    view! {
+        <div class="toasts" role="status" aria-live="polite">
+            {move || {
+                toasts
+                    .get()
+                    .into_iter()
+                    .map(|t| view! { <div class=format!("toast toast-{}", t.state.as_str())>{t.text}</div> })
+                    .collect_view()
+            }}
+        </div>
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::simulate_params;
+    use super::*;
 
     #[test]
     fn form_params_are_checked_before_sending() {
@@ -264,8 +593,38 @@ mod tests {
             serde_json::json!({"duration_ms": 1000, "steps": 10, "fail_at": null})
         );
         assert_eq!(simulate_params("1000", "10", "5").unwrap()["fail_at"], 5);
-        assert!(simulate_params("0", "10", "").is_err());
-        assert!(simulate_params("1000", "x", "").is_err());
-        assert!(simulate_params("1000", "10", "11").is_err());
+        assert_eq!(
+            simulate_params("0", "10", "").unwrap_err().field,
+            Some("duration_ms")
+        );
+        assert_eq!(
+            simulate_params("1000", "x", "").unwrap_err().field,
+            Some("steps")
+        );
+        assert_eq!(
+            simulate_params("1000", "10", "11").unwrap_err().field,
+            Some("fail_at")
+        );
+    }
+
+    #[test]
+    fn server_errors_find_their_field() {
+        assert_eq!(
+            FormError::about("`steps` must be 1..".into()).field,
+            Some("steps")
+        );
+        assert_eq!(FormError::about("backend down".into()).field, None);
+    }
+
+    #[test]
+    fn formatting_without_floats() {
+        assert_eq!(fmt_duration(1_234), "1.2 s");
+        assert_eq!(fmt_duration(65_000), "1 m 05 s");
+        assert_eq!(fmt_duration(3_660_000), "1 h 01 m");
+        assert_eq!(fmt_rate(12.34), "12.3/s");
+        assert_eq!(
+            spark_points(&[(0, 0), (50, 5), (100, 10)], Some(10)),
+            "0,20 50,10 100,0"
+        );
     }
 }

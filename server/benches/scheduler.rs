@@ -130,7 +130,7 @@ async fn poll_engine(tasks: u64) {
     let params = serde_json::json!({"duration_ms": 10_000, "steps": 100});
     for _ in 0..tasks {
         let bid = sim.start("simulate", &params, clock.now_ms()).unwrap();
-        let id = hub.create_task(&conn, "r".into(), "simulate", &bid);
+        let id = hub.create_task(&conn, "r".into(), "simulate", None, &bid);
         handle.poll(id, Duration::ZERO).await;
     }
     while hub.counts().live_tasks > 0 && t0.elapsed() < Duration::from_secs(60) {

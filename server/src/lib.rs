@@ -13,7 +13,7 @@ pub mod session;
 pub mod sim;
 pub mod ws;
 
-use app::{shell, App};
+use app::{shell, App, InitialTasks};
 use axum::extract::FromRef;
 use axum::routing::get;
 use axum::Router;
@@ -190,9 +190,20 @@ impl Application {
 fn router(state: AppState) -> Router {
     let routes = generate_route_list(App);
     let options = state.leptos_options.clone();
+    let hub = state.hub.clone();
+    // The page is rendered with the session's tasks already in it.
+    let initial_tasks = move || {
+        let tasks = leptos::prelude::use_context::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<session::Session>().cloned())
+            .map(|s| hub.session_tasks(&s.token))
+            .unwrap_or_default();
+        leptos::prelude::provide_context(InitialTasks(tasks));
+    };
     Router::new()
         .route("/ws", get(ws::handler))
-        .leptos_routes(&state, routes, move || shell(options.clone()))
+        .leptos_routes_with_context(&state, routes, initial_tasks, move || {
+            shell(options.clone())
+        })
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             session::middleware,

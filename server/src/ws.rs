@@ -243,6 +243,12 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
             }
         }
         ClientMsg::Unsubscribe { task } => state.hub.unsubscribe(conn, &task),
+        ClientMsg::Forget { task } => {
+            if let Some(session) = state.hub.forget(conn, &task) {
+                let retention = Duration::from_secs(state.config.retention_s);
+                state.scheduler.expire_session(session, retention).await;
+            }
+        }
         ClientMsg::Start {
             reference,
             kind,
@@ -277,7 +283,7 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
             let (state, conn) = (state.clone(), conn.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                start(&state, &conn, reference, &kind, &params).await;
+                start(&state, &conn, reference, &kind, params).await;
                 state.hub.start_done(&conn);
             });
         }
@@ -304,11 +310,13 @@ async fn start(
     conn: &Conn,
     reference: String,
     kind: &str,
-    params: &serde_json::Value,
+    params: serde_json::Value,
 ) {
-    match state.backend.start(kind, params).await {
+    match state.backend.start(kind, &params).await {
         Ok(backend_id) => {
-            let task = state.hub.create_task(conn, reference, kind, &backend_id);
+            let task = state
+                .hub
+                .create_task(conn, reference, kind, Some(params), &backend_id);
             state.scheduler.poll(task, Duration::ZERO).await;
         }
         Err(e) => reply(conn, backend_error(Some(reference), e)),

@@ -57,7 +57,9 @@ impl Rig {
             .sim
             .start("simulate", &params, self.clock.now_ms())
             .unwrap();
-        let id = self.hub.create_task(conn, "r".into(), "simulate", &bid);
+        let id = self
+            .hub
+            .create_task(conn, "r".into(), "simulate", None, &bid);
         self.handle.poll(id.clone(), Duration::ZERO).await;
         (id, bid)
     }
@@ -140,7 +142,7 @@ async fn a_task_the_service_forgot_fails_with_a_clear_error() {
     let conn = r.hub.connect(session);
     let id = r
         .hub
-        .create_task(&conn, "r".into(), "simulate", "never-started");
+        .create_task(&conn, "r".into(), "simulate", None, "never-started");
     r.handle.poll(id.clone(), Duration::ZERO).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let task = r.hub.task(&id).unwrap();
@@ -248,7 +250,7 @@ async fn an_unreachable_service_backs_off_then_gives_up() {
     tokio::spawn(scheduler.run(rx));
     let (session, _) = hub.resolve_session(None);
     let conn = hub.connect(session);
-    let id = hub.create_task(&conn, "r".into(), "simulate", "x");
+    let id = hub.create_task(&conn, "r".into(), "simulate", None, "x");
     handle.poll(id.clone(), Duration::ZERO).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
 

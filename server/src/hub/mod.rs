@@ -252,6 +252,7 @@ impl Hub {
         conn: &Conn,
         reference: String,
         kind: &str,
+        params: Option<serde_json::Value>,
         backend_id: &str,
     ) -> Arc<str> {
         let now = self.now_ms();
@@ -268,6 +269,7 @@ impl Hub {
             seq: 0,
             created_ms: now,
             updated_ms: now,
+            params,
         };
         let accepted = ServerMsg::Accepted {
             reference,
@@ -482,6 +484,21 @@ impl Hub {
         policy.after_success(true)
     }
 
+    /// `forget`: drops a finished task of `conn`'s session now. Returns the
+    /// session when that is left with nothing (see [`Hub::expire_task`]).
+    pub fn forget(&self, conn: &Conn, task_id: &str) -> Option<Arc<str>> {
+        let owned = self
+            .lock()
+            .tasks
+            .get(task_id)
+            .is_some_and(|t| t.session == conn.session);
+        if owned {
+            self.expire_task(task_id)
+        } else {
+            None
+        }
+    }
+
     /// Forgets a finished task. Returns its session when that is left with
     /// nothing, for the caller to schedule the session's expiry.
     pub fn expire_task(&self, task_id: &str) -> Option<Arc<str>> {
@@ -528,6 +545,17 @@ impl Hub {
             connections: s.conns.len(),
             subscriptions: s.tasks.values().map(|t| t.subscribers.len()).sum(),
         }
+    }
+
+    /// A session's tasks, oldest first (for the page's first render).
+    pub fn session_tasks(&self, session: &str) -> Vec<Task> {
+        let s = self.lock();
+        s.sessions.get(session).map_or_else(Vec::new, |e| {
+            e.tasks
+                .iter()
+                .filter_map(|id| s.tasks.get(id).map(|t| t.task.clone()))
+                .collect()
+        })
     }
 
     /// The ids of every task not yet final (for invariant checks).
