@@ -26,8 +26,15 @@ pub fn start(page: PageState, mut outgoing: Receiver<String>) {
         move || page.now.set(js_sys::Date::now() as u64),
         Duration::from_secs(1),
     );
+    // The socket is the truth; the browser's offline/online events only
+    // colour the indicator (a short blip may not break the socket).
     let _ = window_event_listener(leptos::ev::offline, move |_| {
         page.conn.set(ConnState::Offline)
+    });
+    let _ = window_event_listener(leptos::ev::online, move |_| {
+        if page.open.get_untracked() {
+            page.conn.set(ConnState::Connected);
+        }
     });
 
     leptos::task::spawn_local(async move {
@@ -53,6 +60,7 @@ pub fn start(page: PageState, mut outgoing: Receiver<String>) {
                     }
                 }
             }
+            page.open.set(false);
             // Full jitter: many pages cut off by one restart spread out.
             let cap = (BACKOFF_FIRST_MS * 2f64.powi(attempt)).min(BACKOFF_MAX_MS);
             let wait = cap / 2.0 + js_sys::Math::random() * cap / 2.0;
@@ -80,6 +88,7 @@ fn on_message(page: PageState, text: &str) -> bool {
         ServerMsg::Welcome { tasks, .. } => {
             page.tasks.update(|list| store::replace_all(list, tasks));
             page.conn.set(ConnState::Connected);
+            page.open.set(true);
             return true;
         }
         ServerMsg::Accepted { task, .. } => {

@@ -79,6 +79,9 @@ impl Filter {
 pub struct PageState {
     pub tasks: RwSignal<Vec<TaskView>>,
     pub conn: RwSignal<ConnState>,
+    /// Whether the WebSocket is open and welcomed (what sending depends on;
+    /// `conn` may say "offline" during a blip that did not break it).
+    pub open: RwSignal<bool>,
     /// When the next reconnect is due (Unix ms), while reconnecting.
     pub reconnect_at: RwSignal<u64>,
     /// The browser's clock, ticking each second; 0 until hydrated (so the
@@ -145,6 +148,7 @@ pub fn App() -> impl IntoView {
     let page = PageState {
         tasks: RwSignal::new(initial),
         conn: RwSignal::new(ConnState::Connecting),
+        open: RwSignal::new(false),
         reconnect_at: RwSignal::new(0),
         now: RwSignal::new(0),
         form_error: RwSignal::new(None),
@@ -158,7 +162,7 @@ pub fn App() -> impl IntoView {
         let tx = std::sync::Mutex::new(tx);
         let send = Callback::new(move |msg: ClientMsg| {
             let start = matches!(msg, ClientMsg::Start { .. });
-            let problem = if page.conn.get_untracked() != ConnState::Connected {
+            let problem = if !page.open.get_untracked() {
                 Some("not connected to the server; retrying")
             } else if !tx
                 .lock()
@@ -211,7 +215,7 @@ pub fn App() -> impl IntoView {
                         #[cfg(feature = "hydrate")]
                         crate::client::ask_notifications();
                     }>
-                    "🔔"
+                    "Notify me"
                 </button>
                 <ConnIndicator page/>
             </header>
@@ -307,6 +311,7 @@ fn Field(
             <input name=name type="number" min=min inputmode="numeric" placeholder=placeholder
                 aria-invalid=move || mine().map(|_| "true")
                 aria-describedby=err_id.clone()
+                value=value.get_untracked()
                 prop:value=move || value.get()
                 on:input=move |ev| value.set(event_target_value(&ev))/>
             <span class="field-error" id=err_id>{mine}</span>

@@ -1,135 +1,69 @@
-import { test, expect, type Locator, type Page } from '@playwright/test';
+import { test, expect } from '@playwright/test';
+import {
+  TERMINAL_STATES,
+  listedTaskIds,
+  logBrowserErrors,
+  openApp,
+  parsePercent,
+  progressBar,
+  startTask,
+  taskItem,
+  waitReady,
+} from './helpers';
 
-// The page's DOM contract:
-//   main[data-hydrated="true"]              once the wasm has hydrated
-//   #conn[data-state]                       connecting | connected | reconnecting
-//   form#start-form                         input[name=duration_ms|steps|fail_at], button[type=submit]
-//   #start-error                            field errors
-//   ul#tasks > li.task[data-task-id][data-state]   newest first
-//     [role=progressbar][aria-valuenow]     whole percent, absent while the total is unknown
-//     .state .pct .count .message .error    button.cancel only while queued or running
-//
-// Every test gets a fresh browser context (Playwright's default), hence a
-// fresh session cookie and an empty task list of its own.
-
-const TERMINAL_STATES = ['succeeded', 'failed', 'cancelled'];
-
-interface StartParams {
-  durationMs: number;
-  steps: number;
-  failAt?: number;
-}
+// The core flows: progress, cancel, reload, failure. The page's DOM contract
+// is described in helpers.ts. Every test gets a fresh browser context, hence
+// a fresh session cookie and an empty task list of its own.
 
 test.beforeEach(async ({ page }) => {
-  // Surface browser-side failures (a wasm panic, a failed hydration) in the
-  // test output; otherwise they only show up as a timeout.
-  page.on('pageerror', (err) => console.log(`[browser pageerror] ${err.message}`));
-  page.on('console', (msg) => {
-    if (msg.type() === 'error') console.log(`[browser console.error] ${msg.text()}`);
-  });
+  logBrowserErrors(page);
 });
-
-/** Loads (or reloads) the page and waits until it is hydrated and connected. */
-async function waitReady(page: Page): Promise<void> {
-  // A click before the wasm has hydrated is lost.
-  await expect(page.locator('main[data-hydrated="true"]')).toHaveCount(1, { timeout: 30_000 });
-  await expect(page.locator('#conn')).toHaveAttribute('data-state', 'connected', {
-    timeout: 15_000,
-  });
-}
-
-async function openApp(page: Page): Promise<void> {
-  await page.goto('/');
-  await waitReady(page);
-}
-
-/** The data-task-id of every listed task, in page order (newest first). */
-async function listedTaskIds(page: Page): Promise<string[]> {
-  return page
-    .locator('ul#tasks > li.task')
-    .evaluateAll((items) => items.map((li) => li.getAttribute('data-task-id') ?? ''));
-}
-
-function taskItem(page: Page, id: string): Locator {
-  const quoted = id.replace(/\\/g, '\\\\').replace(/"/g, '\\"');
-  return page.locator(`ul#tasks > li.task[data-task-id="${quoted}"]`);
-}
-
-function progressBar(task: Locator): Locator {
-  return task.locator('[role="progressbar"]');
-}
-
-/** Fills the start form, clicks Start and returns the id of the new task. */
-async function startTask(page: Page, params: StartParams): Promise<string> {
-  const before = new Set(await listedTaskIds(page));
-
-  const form = page.locator('form#start-form');
-  await form.locator('input[name="duration_ms"]').fill(String(params.durationMs));
-  await form.locator('input[name="steps"]').fill(String(params.steps));
-  await form
-    .locator('input[name="fail_at"]')
-    .fill(params.failAt === undefined ? '' : String(params.failAt));
-  await form.locator('button[type="submit"]').click();
-
-  let fresh: string[] = [];
-  try {
-    await expect
-      .poll(
-        async () => {
-          fresh = (await listedTaskIds(page)).filter((id) => !before.has(id));
-          return fresh.length;
-        },
-        { message: 'exactly one new li.task after clicking Start', timeout: 15_000 },
-      )
-      .toBe(1);
-  } catch (err) {
-    const startError = page.locator('#start-error');
-    const shown = (await startError.count()) > 0 ? await startError.innerText() : '(no #start-error)';
-    throw new Error(`${(err as Error).message}\n#start-error: ${JSON.stringify(shown)}`);
-  }
-
-  const id = fresh[0];
-  expect(id, 'the new task has a non-empty data-task-id').not.toBe('');
-  // Newest first: the new task heads the list.
-  await expect(page.locator('ul#tasks > li.task').first()).toHaveAttribute('data-task-id', id);
-  return id;
-}
-
-/** Parses aria-valuenow; null while absent (total unknown). */
-function parsePercent(raw: string | null): number | null {
-  if (raw === null) return null;
-  const n = Number(raw);
-  expect(Number.isInteger(n), `aria-valuenow ${JSON.stringify(raw)} is a whole number`).toBe(true);
-  expect(n).toBeGreaterThanOrEqual(0);
-  expect(n).toBeLessThanOrEqual(100);
-  return n;
-}
 
 test("a task's progress bar rises to 100 and succeeds", async ({ page }) => {
   await openApp(page);
+  await expect(page).toHaveTitle('taskwire');
   const id = await startTask(page, { durationMs: 3000, steps: 20 });
   const task = taskItem(page, id);
   const bar = progressBar(task);
 
   await expect(bar).toHaveAttribute('aria-valuemin', '0');
   await expect(bar).toHaveAttribute('aria-valuemax', '100');
+  await expect(bar).toHaveAttribute('aria-label', /\S/);
 
-  // Sample the bar until the task finishes (or a deadline passes).
+  // Sample the card until the task finishes (or a deadline passes).
+  interface Snap {
+    state: string;
+    now: string | null;
+    rate: string;
+    eta: string;
+    title: string;
+    points: number;
+  }
   const samples: number[] = [];
+  const running: Snap[] = [];
   let state = '';
   const deadline = Date.now() + 30_000;
   while (Date.now() < deadline) {
-    const snap = await task.evaluate((li) => ({
+    const snap: Snap = await task.evaluate((li) => ({
       state: li.getAttribute('data-state') ?? '',
       now: li.querySelector('[role="progressbar"]')?.getAttribute('aria-valuenow') ?? null,
+      rate: li.querySelector('.rate')?.textContent?.trim() ?? '',
+      eta: li.querySelector('.eta')?.textContent?.trim() ?? '',
+      title: document.title,
+      points: (li.querySelector('svg.spark polyline')?.getAttribute('points') ?? '')
+        .trim()
+        .split(/\s+/)
+        .filter(Boolean).length,
     }));
     state = snap.state;
     const pct = parsePercent(snap.now);
     if (pct !== null) samples.push(pct);
+    if (state === 'running') running.push(snap);
     if (TERMINAL_STATES.includes(state)) break;
     await page.waitForTimeout(100);
   }
   const trace = `samples: ${JSON.stringify(samples)}, last state: ${state}`;
+  const runTrace = `running samples: ${JSON.stringify(running)}`;
 
   // Never goes backwards.
   for (let i = 1; i < samples.length; i++) {
@@ -144,12 +78,43 @@ test("a task's progress bar rises to 100 and succeeds", async ({ page }) => {
     `at least 2 distinct values strictly between 0 and 100 (${trace})`,
   ).toBeGreaterThanOrEqual(2);
 
+  // While running: the title counts it, and rate and ETA are shown.
+  expect(running.length, `seen running at least twice (${runTrace})`).toBeGreaterThanOrEqual(2);
+  for (const s of running) {
+    expect(s.title, `title while running (${runTrace})`).toBe('(1 running) taskwire');
+  }
+  const withRate = running.filter((s) => s.rate !== '' && s.eta !== '');
+  expect(withRate.length, `.rate and .eta non-empty while running (${runTrace})`).toBeGreaterThan(0);
+  for (const s of withRate) {
+    expect(s.rate, runTrace).toMatch(/^\d+\.\d\/s$/);
+    expect(s.eta, runTrace).toMatch(/^ETA \d/);
+  }
+  // The sparkline grows with the updates.
+  expect(running[running.length - 1].points, `sparkline grows (${runTrace})`).toBeGreaterThan(
+    running[0].points,
+  );
+
   await expect(task).toHaveAttribute('data-state', 'succeeded');
   await expect(bar).toHaveAttribute('aria-valuenow', '100');
   await expect(task.locator('.state')).toHaveText('succeeded');
   await expect(task.locator('.pct')).toHaveText('100%');
   await expect(task.locator('.count')).toHaveText(/^\s*20\s*\/\s*20\s*$/);
   await expect(task.locator('button.cancel')).toHaveCount(0);
+  await expect(task.locator('.eta')).toHaveText('');
+  await expect(task.locator('code.task-id')).toHaveText(id);
+
+  // Finished: the title no longer counts it, and a toast said so.
+  await expect(page).toHaveTitle('taskwire');
+  await expect(page.locator('.toasts .toast', { hasText: 'succeeded' })).toHaveCount(1);
+  await expect(page.locator('.toasts .toast').first()).toContainText(id.slice(0, 9));
+
+  const points = (await task.locator('svg.spark polyline').getAttribute('points')) ?? '';
+  const pairs = points.trim().split(/\s+/).filter(Boolean);
+  expect(pairs.length, `sparkline points: ${JSON.stringify(points)}`).toBeGreaterThanOrEqual(3);
+  for (const p of pairs) expect(p).toMatch(/^\d+(\.\d+)?,\d+(\.\d+)?$/);
+
+  // The toast goes away by itself (after about 6 s).
+  await expect(page.locator('.toasts .toast')).toHaveCount(0, { timeout: 10_000 });
 });
 
 test('cancel stops a running task', async ({ page }) => {
