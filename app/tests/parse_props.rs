@@ -70,7 +70,7 @@ fn expected(v: &Value) -> Result<ClientMsg, Option<String>> {
             reference: reference.clone(),
             task,
         }),
-        // Extension (app/src/protocol.rs): drop a finished task, no reply.
+        // Extension (docs/protocol.md): drop a finished task, no reply.
         Some("forget") => id("task").map(|task| ClientMsg::Forget { task }),
         // Missing or non-string `type`, or a type no one knows.
         _ => None,
@@ -430,13 +430,11 @@ proptest! {
     }
 }
 
-/// Exact round trip of float `params`. Fails today: serde_json without its
-/// `float_roundtrip` feature parses some floats an ULP or two off, e.g.
+/// Exact round trip of float `params`: the workspace enables serde_json's
+/// `float_roundtrip` (without it,
 /// `{"type":"start","ref":"r","kind":"k","params":{"x":5.757928280591281e152}}`
-/// parses to `5.757928280591282e152`, which parses to `5.7579282805912825e152`.
-/// Run with `--ignored` once the workspace enables `float_roundtrip`.
+/// parsed to `5.757928280591282e152`, then to `5.7579282805912825e152`).
 #[test]
-#[ignore = "serde_json without `float_roundtrip` drifts floats by an ULP (docs/fuzzing.md)"]
 fn float_params_round_trip_exactly() {
     use prop::num::f64::{NEGATIVE, NORMAL, POSITIVE, SUBNORMAL, ZERO};
     let mut runner = proptest::test_runner::TestRunner::new(config());
