@@ -27,6 +27,8 @@ use tokio::time::{timeout, Instant};
 
 /// `start`/`cancel` requests of one connection waiting on the task service.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 16;
+/// Initial read and write buffer of each WebSocket.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a close frame may take to go out before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -44,8 +46,13 @@ pub async fn handler(
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
     let max = state.config.limits.max_message_bytes as usize;
+    // Client frames and our updates are small: a 128 KiB buffer per
+    // connection each way (tungstenite's defaults) would make 1,000 idle
+    // connections cost ~250 MB. The buffers grow when a message needs it.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(SOCKET_BUFFER_BYTES)
+        .write_buffer_size(SOCKET_BUFFER_BYTES)
         .on_upgrade(move |socket| run(socket, state, session.token, permit))
 }
 
