@@ -37,6 +37,8 @@ usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...
   --threads N             worker threads of the load generator       (default 2)
   --connect-concurrency N WebSocket handshakes in flight at once     (default 64)
   --label TEXT            scenario name in the report
+  --server-bin PATH       taskwire binary for server and simulator
+                          (default: the one cargo built, target/release/taskwire)
   --json                  print one JSON object instead of a table
   --server-args ARGS...   everything after this goes to the server";
 
@@ -51,6 +53,7 @@ struct Opts {
     threads: usize,
     connect_concurrency: usize,
     label: Option<String>,
+    server_bin: String,
     json: bool,
     server_args: Vec<String>,
 }
@@ -67,6 +70,7 @@ impl Opts {
             threads: 2,
             connect_concurrency: 64,
             label: None,
+            server_bin: env!("CARGO_BIN_EXE_taskwire").to_string(),
             json: false,
             server_args: vec![],
         };
@@ -98,6 +102,7 @@ impl Opts {
                 "--threads" => o.threads = num(&flag, value(&flag)?)?,
                 "--connect-concurrency" => o.connect_concurrency = num(&flag, value(&flag)?)?,
                 "--label" => o.label = Some(value(&flag)?),
+                "--server-bin" => o.server_bin = value(&flag)?,
                 "--json" => o.json = true,
                 "--server-args" => {
                     o.server_args = it.by_ref().collect();
@@ -637,19 +642,19 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         .parent()
         .expect("workspace root")
         .to_path_buf();
-    let bin = env!("CARGO_BIN_EXE_taskwire");
+    let bin = opts.server_bin.clone();
     let machine_start = machine_ticks();
     let started = Instant::now();
 
     // 1. The simulator.
-    let mut sim_cmd = Command::new(bin);
+    let mut sim_cmd = Command::new(&bin);
     sim_cmd
         .args(["sim", "--listen", "127.0.0.1:0"])
         .current_dir(&root);
     let mut sim = ChildProc::start("simulator", sim_cmd, "listening on http://")?;
 
     // 2. The server.
-    let mut server_cmd = Command::new(bin);
+    let mut server_cmd = Command::new(&bin);
     server_cmd
         .args(["--listen", "127.0.0.1:0", "--backend"])
         .arg(format!("http://{}", sim.addr))
@@ -853,7 +858,8 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         "ramp_ms": opts.ramp_ms,
         "server_args": opts.server_args,
         "loadgen_threads": opts.threads,
-        "server_binary_mtime": std::fs::metadata(env!("CARGO_BIN_EXE_taskwire"))
+        "server_bin": opts.server_bin,
+        "server_binary_mtime": std::fs::metadata(&opts.server_bin)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
