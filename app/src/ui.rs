@@ -419,9 +419,11 @@ fn TaskList(page: PageState, filter: RwSignal<Filter>, send: Callback<ClientMsg>
     };
     view! {
         <section class="tasks" aria-label="Tasks">
-            <Show when=move || page.tasks.with(|t| t.is_empty())>
-                <p class="empty">"No tasks yet: start one above."</p>
-            </Show>
+            {move || {
+                page.tasks
+                    .with(|t| t.is_empty())
+                    .then(|| view! { <p class="empty">"No tasks yet: start one above."</p> })
+            }}
             <ul id="tasks">
                 <For each=ids key=|id| id.clone() children=move |id| view! { <TaskCard id page send/> }/>
             </ul>
@@ -561,9 +563,10 @@ fn TaskCard(id: String, page: PageState, send: Callback<ClientMsg>) -> impl Into
                 <span class="elapsed" title="elapsed">{elapsed}</span>
                 <span class="rate">{rate}</span>
                 <span class="eta">{move || live().then(eta)}</span>
-                <Show when=live>
-                    <button class="cancel" type="button" on:click=cancel.clone()>"Cancel"</button>
-                </Show>
+                {move || {
+                    let cancel = cancel.clone();
+                    live().then(|| view! { <button class="cancel" type="button" on:click=cancel>"Cancel"</button> })
+                }}
             </div>
             <p class="message">{task(|t| t.message.clone().unwrap_or_default())}</p>
             <p class="error">{task(|t| t.error.clone().unwrap_or_default())}</p>
