@@ -51,6 +51,8 @@ struct SessionEntry {
 }
 
 struct TaskEntry {
+    /// `task.id`, shared with the outboxes that key their updates by it.
+    id: Arc<str>,
     task: Task,
     /// `{"type":"task",...}` of the current state, serialised once.
     frame: Utf8Bytes,
@@ -285,6 +287,7 @@ impl Hub {
         s.tasks.insert(
             id.clone(),
             TaskEntry {
+                id: id.clone(),
                 frame: task_frame(&task),
                 task,
                 session: conn.session.clone(),
@@ -308,8 +311,7 @@ impl Hub {
         if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
             t.subscribers.push((conn.id, conn.outbox.clone()));
         }
-        let id = Arc::<str>::from(task_id);
-        conn.outbox.push_update(&id, t.task.seq, t.frame.clone());
+        conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
         Ok(())
     }
 
@@ -336,8 +338,7 @@ impl Hub {
             .filter(|t| t.session == conn.session)
             .ok_or(NotFound)?;
         if t.task.state.is_final() {
-            conn.outbox
-                .push_update(&Arc::from(task_id), t.task.seq, t.frame.clone());
+            conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
             Ok(CancelTarget::AlreadyFinal)
         } else {
             Ok(CancelTarget::Backend(t.backend_id.clone()))
@@ -350,8 +351,7 @@ impl Hub {
         let s = self.lock();
         if let Some(t) = s.tasks.get(task_id).filter(|t| t.session == conn.session) {
             if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
-                conn.outbox
-                    .push_update(&Arc::from(task_id), t.task.seq, t.frame.clone());
+                conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
             }
         }
     }
@@ -579,8 +579,7 @@ fn publish(t: &mut TaskEntry, mut next: Task) {
     next.seq = t.task.seq + 1;
     t.frame = task_frame(&next);
     t.task = next;
-    let id: Arc<str> = t.task.id.as_str().into();
     for (_, outbox) in &t.subscribers {
-        outbox.push_update(&id, t.task.seq, t.frame.clone());
+        outbox.push_update(&t.id, t.task.seq, t.frame.clone());
     }
 }

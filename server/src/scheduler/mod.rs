@@ -67,7 +67,6 @@ pub struct SchedulerHandle {
 }
 
 /// Counters of the poll engine, in atomics so the hot path stays cheap.
-#[derive(Default)]
 pub struct SchedulerStats {
     pub polls: AtomicU64,
     pub poll_errors: AtomicU64,
@@ -76,6 +75,24 @@ pub struct SchedulerStats {
     pub in_flight: AtomicU64,
     /// Due → fired, of every poll.
     pub lateness: m::MicrosHistogram,
+    /// Registry handles, looked up once (a lookup per poll costs a hash).
+    lateness_seconds: metrics::Histogram,
+    poll_seconds: metrics::Histogram,
+}
+
+impl Default for SchedulerStats {
+    fn default() -> Self {
+        SchedulerStats {
+            polls: AtomicU64::new(0),
+            poll_errors: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            queue_depth: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            lateness: m::MicrosHistogram::default(),
+            lateness_seconds: metrics::histogram!(m::POLL_LATENESS_SECONDS),
+            poll_seconds: metrics::histogram!(m::POLL_SECONDS),
+        }
+    }
 }
 
 impl SchedulerHandle {
@@ -135,6 +152,8 @@ impl Scheduler {
         limits: Limits,
     ) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_LEN);
+        // The recorder first: handles taken before it would go nowhere.
+        let metrics_on = m::handle().is_some();
         let stats = Arc::new(SchedulerStats::default());
         let bucket = (limits.max_polls_per_s > 0).then(|| {
             // A tenth of a second's worth may go at once.
@@ -157,7 +176,7 @@ impl Scheduler {
             started: Instant::now(),
             rng: seed(),
         };
-        if m::handle().is_some() {
+        if metrics_on {
             scheduler.schedule(Job::Upkeep, m::UPKEEP_INTERVAL);
         }
         (scheduler, SchedulerHandle { tx, stats })
@@ -250,7 +269,7 @@ impl Scheduler {
             }
         }
         self.stats.polls.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(m::POLL_LATENESS_SECONDS).record(lateness.as_secs_f64());
+        self.stats.lateness_seconds.record(lateness.as_secs_f64());
         self.stats.lateness.record(lateness);
         self.running.insert(task.clone());
         let hub = self.hub.clone();
@@ -326,7 +345,7 @@ async fn poll_once(
 ) -> Decision {
     let began = Instant::now();
     let result = backend.status(backend_id).await;
-    metrics::histogram!(m::POLL_SECONDS).record(began.elapsed().as_secs_f64());
+    stats.poll_seconds.record(began.elapsed().as_secs_f64());
     match result {
         Ok(status) => hub.apply_status(task, &status, policy, jitter),
         Err(e) => {
