@@ -18,12 +18,13 @@ pub const INITIAL_TASKS_ID: &str = "tw-initial";
 #[cfg(feature = "ssr")]
 pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::IntoView {
     use leptos::prelude::*;
-    use leptos_meta::MetaTags;
+    let tasks = use_context::<InitialTasks>().unwrap_or_default().0;
+    let title = ui::page_title(tasks.iter());
     // `</` could end the script early; `<\/` is the same JSON string.
-    let initial = use_context::<InitialTasks>()
-        .and_then(|i| serde_json::to_string(&i.0).ok())
-        .unwrap_or_else(|| "[]".into())
+    let initial = serde_json::to_string(&tasks)
+        .unwrap_or_else(|_| "[]".into())
         .replace("</", "<\\/");
+    let stylesheet = format!("/{}/{}.css", options.site_pkg_dir, options.output_name);
     view! {
         <!DOCTYPE html>
         <html lang="en">
@@ -34,7 +35,8 @@ pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::I
                 <link rel="icon" type="image/svg+xml" href="/favicon.svg"/>
                 <AutoReload options=options.clone()/>
                 <HydrationScripts options/>
-                <MetaTags/>
+                <title>{title}</title>
+                <link rel="stylesheet" id="leptos" href=stylesheet/>
                 <script id=INITIAL_TASKS_ID type="application/json" inner_html=initial></script>
             </head>
             <body>

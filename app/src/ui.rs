@@ -6,7 +6,6 @@
 use crate::protocol::{ClientMsg, Task, TaskState};
 use crate::store::{self, TaskView};
 use leptos::prelude::*;
-use leptos_meta::{provide_meta_context, Stylesheet, Title};
 
 /// What the page knows of its WebSocket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +116,14 @@ impl PageState {
 #[derive(Clone, Debug, Default)]
 pub struct InitialTasks(pub Vec<Task>);
 
+/// "taskwire", or "(N running) taskwire" while N tasks run.
+pub fn page_title<'a>(tasks: impl Iterator<Item = &'a Task>) -> String {
+    match tasks.filter(|t| !t.state.is_final()).count() {
+        0 => "taskwire".to_string(),
+        n => format!("({n} running) taskwire"),
+    }
+}
+
 /// On the server, from context; in the browser, from the JSON the server
 /// wrote into the page's head, so hydration starts from the same list.
 fn initial_tasks() -> Vec<Task> {
@@ -142,7 +149,6 @@ fn initial_tasks() -> Vec<Task> {
 
 #[component]
 pub fn App() -> impl IntoView {
-    provide_meta_context();
     let mut initial: Vec<TaskView> = Vec::new();
     store::replace_all(&mut initial, initial_tasks());
     let page = PageState {
@@ -194,19 +200,18 @@ pub fn App() -> impl IntoView {
         hydrated.set(true);
     });
 
-    let running = move || {
-        page.tasks
-            .with(|t| t.iter().filter(|v| !v.task.state.is_final()).count())
-    };
-    let title = move || match running() {
-        0 => "taskwire".to_string(),
-        n => format!("({n} running) taskwire"),
-    };
+    // The server writes the first <title> (see `shell`); the browser keeps
+    // it current. Plain `document.title`: leptos_meta costs ~1 KB gzip.
+    #[cfg(feature = "hydrate")]
+    Effect::new(move |_| {
+        let title = page
+            .tasks
+            .with(|list| page_title(list.iter().map(|v| &v.task)));
+        document().set_title(&title);
+    });
     let filter = RwSignal::new(Filter::All);
 
     view! {
-        <Stylesheet id="leptos" href="/pkg/taskwire.css"/>
-        <Title text=title/>
         <main data-hydrated=move || hydrated.get().then_some("true")>
             <header class="top">
                 <h1>"taskwire"</h1>
