@@ -82,6 +82,8 @@ async fn the_whole_loop(app: &TestApp) {
     other
         .send(json!({"type":"unsubscribe","task":failed}))
         .await;
+    // `forget` of another session's task: no reply, and the task stays.
+    other.send(json!({"type":"forget","task":succeeded})).await;
     other
         .send(json!({"type":"subscribe","task":"no-such-task"}))
         .await;

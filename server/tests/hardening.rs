@@ -293,8 +293,14 @@ async fn a_client_that_reads_nothing_still_gets_every_final_state() {
             format!("taskwire_session={session}").parse().unwrap(),
         );
         let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
-        // Read nothing for 5 s while 20 tasks make 3000 steps each.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Read nothing for 5 s while 20 tasks make 3000 steps each: what
+        // waits for this client stays at most one frame per task (+ replies).
+        let mut most_pending = 0;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            most_pending = most_pending.max(app.state.hub.counts().pending_frames);
+        }
+        assert!(most_pending <= 20 + 2, "{most_pending} frames queued");
         let counts = app.state.hub.counts();
         assert_eq!(counts.live_tasks, 0, "all finished meanwhile");
 

@@ -87,6 +87,8 @@ pub struct HubCounts {
     pub live_tasks: usize,
     pub connections: usize,
     pub subscriptions: usize,
+    /// Frames waiting in all outboxes (bounded by subscriptions + replies).
+    pub pending_frames: usize,
 }
 
 /// The task id was not found *in this session* (whether it exists elsewhere
@@ -544,6 +546,7 @@ impl Hub {
                 .count(),
             connections: s.conns.len(),
             subscriptions: s.tasks.values().map(|t| t.subscribers.len()).sum(),
+            pending_frames: s.conns.values().map(|o| o.len()).sum(),
         }
     }
 
