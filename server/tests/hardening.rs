@@ -396,29 +396,14 @@ async fn twenty_thousand_short_tasks_leave_nothing_after_the_retention() {
 
 #[tokio::test]
 async fn sigterm_closes_every_client_with_1012_and_exits_in_time() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .args(["--listen", "127.0.0.1:0", "--poll-interval-ms", "50"])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (mut child, addr) =
+        common::spawn_taskwire(&["--listen", "127.0.0.1:0", "--poll-interval-ms", "50"]);
     let mut c = Client::connect(addr, None).await;
     c.start("t", json!({"duration_ms": 60000, "steps": 10}))
         .await;
 
     let began = std::time::Instant::now();
-    let status = Command::new("kill")
+    let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();

@@ -209,6 +209,32 @@ impl Client {
     }
 }
 
+/// Runs the `taskwire` binary with `args` and waits for the address it
+/// logs ("... listening on http://ADDR"); its output keeps being drained so
+/// it never blocks on a full pipe.
+pub fn spawn_taskwire(args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("taskwire starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("taskwire printed its address")
+            .expect("readable stdout");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.trim().parse::<SocketAddr>().expect("an address");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
 /// The simulator as its own process (`taskwire sim`), killed on drop.
 pub struct SimProcess {
     child: Child,
@@ -222,27 +248,7 @@ impl SimProcess {
     }
 
     pub fn start_on(listen: &str) -> SimProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-            .args(["sim", "--listen", listen])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("taskwire sim starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("simulator printed its address")
-                .expect("readable stdout");
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.trim().parse::<SocketAddr>().expect("an address");
-            }
-        };
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let (child, addr) = spawn_taskwire(&["sim", "--listen", listen]);
         SimProcess {
             child,
             url: format!("http://{addr}"),
