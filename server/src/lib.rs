@@ -178,7 +178,18 @@ impl Application {
             let _ = stop_tx.send(true);
         });
         let result = serve.await;
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, scheduler).await;
+        // Upgraded connections outlive `serve`: wait (bounded) until every
+        // one has sent its close frame and returned its permit, and for the
+        // polls in flight.
+        let connections = self.state.connections.clone();
+        let every_permit = u32::try_from(self.state.config.limits.max_connections)
+            .unwrap_or(u32::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u32);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            let _ = connections.acquire_many(every_permit).await;
+            let _ = scheduler.await;
+        })
+        .await;
         result
     }
 

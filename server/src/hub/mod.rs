@@ -418,7 +418,11 @@ impl Hub {
             first_done,
             first_changed_at_ms,
         };
-        Decision::Poll(policy.next_poll(&seen, now, jitter))
+        if policy.adaptive {
+            Decision::Poll(policy.next_poll(&seen, now, jitter))
+        } else {
+            Decision::Tick(Duration::from_millis(policy.poll_interval_ms))
+        }
     }
 
     /// Records a failed poll: the task keeps its state and says, in

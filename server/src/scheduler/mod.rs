@@ -124,7 +124,8 @@ impl SchedulerHandle {
     }
 }
 
-type PollResult = (Arc<str>, Decision);
+/// A finished poll: the task, what to do next, and when the poll was due.
+type PollResult = (Arc<str>, Decision, Instant);
 
 pub struct Scheduler {
     hub: Hub,
@@ -184,10 +185,14 @@ impl Scheduler {
 
     /// Inserts or moves a job: one entry per job, ever.
     fn schedule(&mut self, job: Job, delay: Duration) {
+        self.schedule_at(job, Instant::now() + delay);
+    }
+
+    fn schedule_at(&mut self, job: Job, when: Instant) {
         if let Some(key) = self.keys.get(&job) {
-            self.queue.reset(key, delay);
+            self.queue.reset_at(key, when);
         } else {
-            let key = self.queue.insert(job.clone(), delay);
+            let key = self.queue.insert_at(job.clone(), when);
             self.keys.insert(job, key);
         }
     }
@@ -200,8 +205,8 @@ impl Scheduler {
                 biased;
                 _ = shutdown.changed() => break,
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Ok((task, decision)) = done {
-                        self.after_poll(task, decision);
+                    if let Ok((task, decision, due)) = done {
+                        self.after_poll(task, decision, Some(due));
                     }
                 }
                 cmd = self.rx.recv() => match cmd {
@@ -211,23 +216,23 @@ impl Scheduler {
                 },
                 // A full pool leaves due polls waiting in the queue itself.
                 Some(expired) = self.queue.next(), if in_flight.len() < self.limits.max_in_flight => {
-                    let lateness = Instant::now().saturating_duration_since(expired.deadline());
+                    let due = expired.deadline();
                     let job = expired.into_inner();
                     self.keys.remove(&job);
-                    self.fire(job, lateness, &mut in_flight);
+                    self.fire(job, due, &mut in_flight);
                 }
             }
         }
         while let Some(done) = in_flight.join_next().await {
-            if let Ok((task, decision)) = done {
-                self.after_poll(task, decision);
+            if let Ok((task, decision, due)) = done {
+                self.after_poll(task, decision, Some(due));
             }
         }
     }
 
-    fn fire(&mut self, job: Job, lateness: Duration, in_flight: &mut JoinSet<PollResult>) {
+    fn fire(&mut self, job: Job, due: Instant, in_flight: &mut JoinSet<PollResult>) {
         match job {
-            Job::Poll(task) => self.fire_poll(task, lateness, in_flight),
+            Job::Poll(task) => self.fire_poll(task, due, in_flight),
             Job::ExpireTask(task) => {
                 if let Some(session) = self.hub.expire_task(&task) {
                     let delay = Duration::from_millis(self.policy.retention_ms);
@@ -242,12 +247,8 @@ impl Scheduler {
         }
     }
 
-    fn fire_poll(
-        &mut self,
-        task: Arc<str>,
-        lateness: Duration,
-        in_flight: &mut JoinSet<PollResult>,
-    ) {
+    fn fire_poll(&mut self, task: Arc<str>, due: Instant, in_flight: &mut JoinSet<PollResult>) {
+        let lateness = Instant::now().saturating_duration_since(due);
         if self.running.contains(&task) {
             // Cannot happen (a task's entry is re-made only after its poll),
             // but a second poll at once must never go out.
@@ -256,7 +257,7 @@ impl Scheduler {
         let Some(backend_id) = self.hub.poll_target(&task) else {
             // Final (cancelled meanwhile) or gone: expire or forget.
             if self.hub.is_final(&task) == Some(true) {
-                self.after_poll(task, self.policy.after_success(true));
+                self.after_poll(task, self.policy.after_success(true), None);
             }
             return;
         };
@@ -280,7 +281,7 @@ impl Scheduler {
         in_flight.spawn(async move {
             let decision =
                 poll_once(&hub, &backend, &policy, &stats, &task, &backend_id, jitter).await;
-            (task, decision)
+            (task, decision, due)
         });
     }
 
@@ -292,10 +293,14 @@ impl Scheduler {
         (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn after_poll(&mut self, task: Arc<str>, decision: Decision) {
+    fn after_poll(&mut self, task: Arc<str>, decision: Decision, due: Option<Instant>) {
         self.running.remove(&task);
         match decision {
             Decision::Poll(delay) => self.schedule(Job::Poll(task), delay),
+            Decision::Tick(interval) => {
+                let next = due.map_or_else(Instant::now, |d| d + interval);
+                self.schedule_at(Job::Poll(task), next.max(Instant::now()));
+            }
             Decision::Expire(delay) => self.schedule(Job::ExpireTask(task), delay),
             Decision::GiveUp | Decision::Drop => {}
         }

@@ -31,6 +31,10 @@ pub struct PollPolicy {
 pub enum Decision {
     /// Poll again after this delay.
     Poll(Duration),
+    /// Fixed cadence: poll again this long after the previous poll was
+    /// *due* (not after it answered), so a slow answer does not push every
+    /// later tick back; a missed tick is polled at once, never twice.
+    Tick(Duration),
     /// Final: forget it after the retention.
     Expire(Duration),
     /// The task service stayed unreachable past the give-up time.
