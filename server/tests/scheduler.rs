@@ -52,6 +52,12 @@ fn rig(poll_interval_ms: u64, retention_ms: u64) -> Rig {
 }
 
 impl Rig {
+    /// A connection of a new session.
+    fn conn(&self) -> Conn {
+        let (session, _) = self.hub.resolve_session(None);
+        self.hub.connect(session)
+    }
+
     async fn start(&self, conn: &Conn, params: serde_json::Value) -> (Arc<str>, String) {
         let bid = self
             .sim
@@ -76,8 +82,7 @@ fn drain(conn: &Conn) -> Vec<ServerMsg> {
 #[tokio::test(start_paused = true)]
 async fn a_ten_second_task_is_polled_once_per_tick_then_never_again() {
     let r = rig(500, 600_000);
-    let (session, _) = r.hub.resolve_session(None);
-    let conn = r.hub.connect(session);
+    let conn = r.conn();
     let (id, bid) = r
         .start(
             &conn,
@@ -100,8 +105,7 @@ async fn a_ten_second_task_is_polled_once_per_tick_then_never_again() {
 #[tokio::test(start_paused = true)]
 async fn an_unread_connection_gets_the_newest_state_only() {
     let r = rig(100, 600_000);
-    let (session, _) = r.hub.resolve_session(None);
-    let conn = r.hub.connect(session);
+    let conn = r.conn();
     r.start(
         &conn,
         serde_json::json!({"duration_ms": 5_000, "steps": 50}),
@@ -119,8 +123,7 @@ async fn an_unread_connection_gets_the_newest_state_only() {
 #[tokio::test(start_paused = true)]
 async fn a_task_cancelled_at_the_service_stops_being_polled() {
     let r = rig(500, 600_000);
-    let (session, _) = r.hub.resolve_session(None);
-    let conn = r.hub.connect(session);
+    let conn = r.conn();
     let (id, bid) = r
         .start(
             &conn,
@@ -138,8 +141,7 @@ async fn a_task_cancelled_at_the_service_stops_being_polled() {
 #[tokio::test(start_paused = true)]
 async fn a_task_the_service_forgot_fails_with_a_clear_error() {
     let r = rig(500, 600_000);
-    let (session, _) = r.hub.resolve_session(None);
-    let conn = r.hub.connect(session);
+    let conn = r.conn();
     let id = r
         .hub
         .create_task(&conn, "r".into(), "simulate", None, "never-started");
@@ -193,8 +195,7 @@ async fn assert_one_entry_per_live_task(r: &Rig) {
 #[tokio::test(start_paused = true)]
 async fn no_live_task_is_forgotten_and_none_is_held_twice() {
     let r = rig(500, 600_000);
-    let (session, _) = r.hub.resolve_session(None);
-    let conn = r.hub.connect(session);
+    let conn = r.conn();
     let mut started = vec![];
     for i in 0..200u64 {
         let params = serde_json::json!({
