@@ -59,6 +59,26 @@ pub enum PollMode {
     Fixed,
 }
 
+/// What a process does (with `--redis`, any number of each share one Redis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Web and worker in one process (the only role without `--redis`).
+    All,
+    /// The page, the WebSocket and sessions; no polling.
+    Web,
+    /// Polls the task service only (serves `/healthz` and `/metrics`).
+    Worker,
+}
+
+impl Role {
+    pub fn serves_clients(self) -> bool {
+        self != Role::Worker
+    }
+    pub fn polls(self) -> bool {
+        self != Role::Web
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address the web server listens on.
@@ -111,6 +131,17 @@ pub struct Config {
     /// (comma separated, e.g. `https://example.com`).
     #[arg(long, env = "TASKWIRE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// The Redis engine: sessions, tasks and the delay queue live in this
+    /// Redis (`redis://host:port/db`), shared by any number of web and
+    /// worker processes. Unset: everything in this process's memory.
+    #[arg(long, env = "TASKWIRE_REDIS")]
+    pub redis: Option<String>,
+
+    /// `all`, `web` (page, WebSocket, sessions) or `worker` (polls only);
+    /// `web` and `worker` need `--redis`.
+    #[arg(long, env = "TASKWIRE_ROLE", default_value = "all")]
+    pub role: Role,
 
     #[command(flatten)]
     pub limits: ClientLimits,

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod hub;
 pub mod metrics;
 pub mod rate;
@@ -19,7 +20,11 @@ use axum::routing::get;
 use axum::Router;
 use backend::Backend;
 use clock::Clock;
-use config::{BackendChoice, Config};
+use config::{BackendChoice, Config, Role};
+use engine::listener::Listener;
+use engine::store::{Store, StoreError};
+use engine::worker::Worker;
+use engine::Engine;
 use hub::{CloseReason, Hub};
 use leptos::prelude::LeptosOptions;
 use leptos_axum::{generate_route_list, LeptosRoutes};
@@ -41,6 +46,8 @@ pub struct AppState {
     pub leptos_options: LeptosOptions,
     pub config: Arc<Config>,
     pub hub: Hub,
+    /// Sessions and tasks: in memory, or in Redis (mirrored in `hub`).
+    pub engine: Engine,
     pub backend: Backend,
     pub scheduler: SchedulerHandle,
     pub policy: Arc<PollPolicy>,
@@ -65,20 +72,47 @@ pub enum StartupError {
     },
     #[error("bad backend: {0}")]
     Backend(#[from] backend::BackendError),
+    #[error("bad Redis URL: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A built server, bound to its port, not yet serving.
 pub struct Application {
-    listener: TcpListener,
+    tcp: TcpListener,
     router: Router,
     state: AppState,
     scheduler: Scheduler,
+    /// The Redis engine's poller (roles `all` and `worker`).
+    worker: Option<Worker>,
+    /// The Redis engine's change feed (roles `all` and `web`).
+    listener: Option<Listener>,
     addr: SocketAddr,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Application, StartupError> {
         let clock = Clock::new();
+        if config.redis.is_none() && config.role != Role::All {
+            return Err(StartupError::Config(
+                "--role web and --role worker need --redis (without it, one process does all)"
+                    .into(),
+            ));
+        }
+        if config.role != Role::All && config.backend == BackendChoice::Embedded {
+            return Err(StartupError::Config(
+                "--role web and --role worker need a shared task service: --backend http://..."
+                    .into(),
+            ));
+        }
+        let store = config.redis.as_deref().map(Store::open).transpose()?;
+        if let Some(store) = &store {
+            match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+                Ok(Ok(())) => tracing::info!(role = ?config.role, "Redis engine: connected"),
+                _ => tracing::warn!("Redis is not answering yet; carrying on and retrying"),
+            }
+        }
         let (backend, sim) = match &config.backend {
             BackendChoice::Embedded => {
                 let sim = Arc::new(Simulator::new());
@@ -96,30 +130,69 @@ impl Application {
             give_up_ms: config.backend_give_up_s.saturating_mul(1000),
             retention_ms: config.retention_s.saturating_mul(1000),
         };
-        let hub = Hub::new(clock);
-        let (scheduler, handle) = Scheduler::new(
-            hub.clone(),
-            backend.clone(),
-            policy.clone(),
-            Limits {
-                max_in_flight: config.max_concurrent_polls as usize,
-                max_polls_per_s: config.max_polls_per_s,
-            },
-        );
+        let hub = if store.is_some() {
+            Hub::mirror(clock)
+        } else {
+            Hub::new(clock)
+        };
+        let limits = Limits {
+            max_in_flight: config.max_concurrent_polls as usize,
+            max_polls_per_s: config.max_polls_per_s,
+        };
+        // With Redis, the local scheduler only expires the mirror's
+        // finished tasks and keeps the metrics; the workers poll.
+        let (scheduler, handle) =
+            Scheduler::new(hub.clone(), backend.clone(), policy.clone(), limits.clone());
+        let policy = Arc::new(policy);
+        let retention = Duration::from_secs(config.retention_s);
+        let (engine, worker, listener) = match &store {
+            None => (
+                Engine::memory(hub.clone(), handle.clone(), policy.clone(), clock),
+                None,
+                None,
+            ),
+            Some(store) => {
+                let worker = config.role.polls().then(|| Worker {
+                    store: store.clone(),
+                    backend: backend.clone(),
+                    policy: policy.clone(),
+                    limits,
+                    clock,
+                    stats: handle.shared_stats(),
+                    backend_timeout: Duration::from_millis(config.backend_timeout_ms),
+                });
+                let listener = config.role.serves_clients().then(|| Listener {
+                    store: store.clone(),
+                    hub: hub.clone(),
+                    scheduler: handle.clone(),
+                    retention,
+                    ready: watch::channel(false).0,
+                });
+                (
+                    Engine::redis(
+                        hub.clone(),
+                        handle.clone(),
+                        policy.clone(),
+                        clock,
+                        store.clone(),
+                    ),
+                    worker,
+                    listener,
+                )
+            }
+        };
 
-        let listener =
+        let tcp =
             TcpListener::bind(config.listen)
                 .await
                 .map_err(|source| StartupError::Listen {
                     addr: config.listen,
                     source,
                 })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+        let addr = tcp.local_addr().map_err(|source| StartupError::Listen {
+            addr: config.listen,
+            source,
+        })?;
 
         let mut leptos_options = leptos::config::get_configuration(None)
             .map(|c| c.leptos_options)
@@ -138,18 +211,25 @@ impl Application {
             leptos_options,
             config: Arc::new(config),
             hub,
+            engine,
             backend,
             scheduler: handle,
-            policy: Arc::new(policy),
+            policy,
             sim,
             connections,
         };
-        let router = router(state.clone());
+        let router = if state.config.role.serves_clients() {
+            router(state.clone())
+        } else {
+            worker_router(state.clone())
+        };
         Ok(Application {
-            listener,
+            tcp,
             router,
             state,
             scheduler,
+            worker,
+            listener,
             addr,
         })
     }
@@ -169,9 +249,13 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let scheduler = tokio::spawn(self.scheduler.run(stop_rx));
+        let scheduler = tokio::spawn(self.scheduler.run(stop_rx.clone()));
+        let worker = self.worker.map(|w| tokio::spawn(w.run(stop_rx.clone())));
+        if let Some(listener) = self.listener {
+            tokio::spawn(listener.run(stop_rx.clone()));
+        }
         let hub = self.state.hub.clone();
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        let serve = axum::serve(self.tcp, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: closing connections");
             hub.close_all(CloseReason::Restart);
@@ -188,6 +272,9 @@ impl Application {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             let _ = connections.acquire_many(every_permit).await;
             let _ = scheduler.await;
+            if let Some(worker) = worker {
+                let _ = worker.await;
+            }
         })
         .await;
         result
@@ -201,14 +288,13 @@ impl Application {
 fn router(state: AppState) -> Router {
     let routes = generate_route_list(App);
     let options = state.leptos_options.clone();
-    let hub = state.hub.clone();
-    // The page is rendered with the session's tasks already in it.
+    // The page is rendered with the session's tasks already in it (read
+    // by the session middleware, which may wait on Redis).
     let initial_tasks = move || {
         let tasks = leptos::prelude::use_context::<axum::http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<session::Session>().cloned())
-            .map(|s| hub.session_tasks(&s.token))
+            .and_then(|parts| parts.extensions.get::<InitialTasks>().cloned())
             .unwrap_or_default();
-        leptos::prelude::provide_context(InitialTasks(tasks));
+        leptos::prelude::provide_context(tasks);
     };
     Router::new()
         .route("/ws", get(ws::handler))
@@ -222,6 +308,14 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .with_state(state)
+}
+
+/// A worker serves no page and no WebSocket: only its health and metrics.
+fn worker_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::render))
         .with_state(state)
 }
 

@@ -23,6 +23,12 @@ pub const BACKEND_ERRORS: &str = "taskwire_backend_errors_total";
 pub const WS_CONNECTIONS: &str = "taskwire_ws_connections";
 pub const MESSAGES_SENT: &str = "taskwire_messages_sent_total";
 pub const UPDATES_COALESCED: &str = "taskwire_updates_coalesced_total";
+/// Redis engine: the listener read every mirrored session again.
+pub const REDIS_RESYNCS: &str = "taskwire_redis_resyncs_total";
+/// Redis engine: calls to Redis that failed, by operation.
+pub const REDIS_ERRORS: &str = "taskwire_redis_errors_total";
+/// Redis engine: saves retried because another writer changed the task first.
+pub const REDIS_CAS_CONFLICTS: &str = "taskwire_redis_cas_conflicts_total";
 
 /// Seconds; from a fast loopback poll to a timed-out one.
 const BUCKETS: &[f64] = &[

@@ -3,10 +3,11 @@
 //! cookie) when it is missing, malformed or unknown.
 
 use crate::AppState;
+use app::InitialTasks;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
 pub const COOKIE_NAME: &str = "taskwire_session";
@@ -30,7 +31,28 @@ pub fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let (token, is_new) = state.hub.resolve_session(cookie_token(req.headers()));
+    let (token, is_new) = match state
+        .engine
+        .resolve_session(cookie_token(req.headers()))
+        .await
+    {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            tracing::warn!(error = %e, "no session: the store is unreachable");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "taskwire's store is unreachable; try again in a moment",
+            )
+                .into_response();
+        }
+    };
+    // The page is rendered with the session's tasks (the WebSocket gets
+    // them in `welcome` instead).
+    if req.uri().path() != "/ws" {
+        let tasks = state.engine.session_tasks(&token).await;
+        req.extensions_mut().insert(InitialTasks(tasks));
+    }
     req.extensions_mut().insert(Session {
         token: token.clone(),
     });

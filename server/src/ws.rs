@@ -78,8 +78,24 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-async fn run(socket: WebSocket, state: AppState, session: Arc<str>, _permit: OwnedSemaphorePermit) {
-    let conn = Arc::new(state.hub.connect(session));
+async fn run(
+    mut socket: WebSocket,
+    state: AppState,
+    session: Arc<str>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let conn = match state.engine.connect(session).await {
+        Ok(conn) => Arc::new(conn),
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a connection: the store is unreachable");
+            let frame = Message::Close(Some(CloseFrame {
+                code: close_code::AGAIN,
+                reason: Utf8Bytes::from_static("store unreachable; reconnect"),
+            }));
+            let _ = timeout(CLOSE_TIMEOUT, socket.send(frame)).await;
+            return;
+        }
+    };
     let (sink, mut stream) = socket.split();
     let connections = metrics::gauge!(m::WS_CONNECTIONS);
     connections.increment(1.0);
@@ -137,12 +153,10 @@ async fn run(socket: WebSocket, state: AppState, session: Arc<str>, _permit: Own
             }
         }
     }
-    if let Some(session) = state.hub.disconnect(&conn) {
-        state
-            .scheduler
-            .expire_session(session, Duration::from_secs(state.config.retention_s))
-            .await;
-    }
+    state
+        .engine
+        .disconnect(&conn, Duration::from_secs(state.config.retention_s))
+        .await;
     writer.abort();
     connections.decrement(1.0);
 }
@@ -245,16 +259,14 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
     };
     match msg {
         ClientMsg::Subscribe { task } => {
-            if state.hub.subscribe(conn, &task).is_err() {
+            if state.engine.subscribe(conn, &task).await.is_err() {
                 reply(conn, not_found(None, &task));
             }
         }
-        ClientMsg::Unsubscribe { task } => state.hub.unsubscribe(conn, &task),
+        ClientMsg::Unsubscribe { task } => state.engine.unsubscribe(conn, &task),
         ClientMsg::Forget { task } => {
-            if let Some(session) = state.hub.forget(conn, &task) {
-                let retention = Duration::from_secs(state.config.retention_s);
-                state.scheduler.expire_session(session, retention).await;
-            }
+            let retention = Duration::from_secs(state.config.retention_s);
+            state.engine.forget(conn, &task, retention).await;
         }
         ClientMsg::Start {
             reference,
@@ -273,29 +285,33 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
                     ),
                 );
             }
-            if let Err(why) = state.hub.admit_start(
-                conn,
-                limits.max_starts_per_min,
-                limits.max_live_tasks_per_session,
-            ) {
-                return reply(
+            let ticket = match state
+                .engine
+                .admit_start(
                     conn,
-                    ServerMsg::error(Some(reference), ErrorCode::TooManyTasks, why),
-                );
-            }
+                    limits.max_starts_per_min,
+                    limits.max_live_tasks_per_session,
+                )
+                .await
+            {
+                Ok(ticket) => ticket,
+                Err((code, why)) => {
+                    return reply(conn, ServerMsg::error(Some(reference), code, why))
+                }
+            };
             let Ok(permit) = requests.clone().try_acquire_owned() else {
-                state.hub.start_done(conn);
+                state.engine.start_done(conn, ticket).await;
                 return reply(conn, busy(Some(reference)));
             };
             let (state, conn) = (state.clone(), conn.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 start(&state, &conn, reference, &kind, params).await;
-                state.hub.start_done(&conn);
+                state.engine.start_done(&conn, ticket).await;
             });
         }
         ClientMsg::Cancel { reference, task } => {
-            let target = match state.hub.cancel_target(conn, &task) {
+            let target = match state.engine.cancel_target(conn, &task).await {
                 Ok(CancelTarget::AlreadyFinal) => return,
                 Ok(CancelTarget::Backend(backend_id)) => backend_id,
                 Err(_) => return reply(conn, not_found(reference, &task)),
@@ -321,10 +337,23 @@ async fn start(
 ) {
     match state.backend.start(kind, &params).await {
         Ok(backend_id) => {
-            let task = state
-                .hub
-                .create_task(conn, reference, kind, Some(params), &backend_id);
-            state.scheduler.poll(task, Duration::ZERO).await;
+            if let Err(e) = state
+                .engine
+                .create_task(conn, reference.clone(), kind, Some(params), &backend_id)
+                .await
+            {
+                tracing::warn!(error = %e, "a started task could not be recorded");
+                // Nobody would ever see it: stop it (best effort).
+                let _ = state.backend.cancel(&backend_id).await;
+                reply(
+                    conn,
+                    ServerMsg::error(
+                        Some(reference),
+                        ErrorCode::BackendUnavailable,
+                        e.to_string(),
+                    ),
+                );
+            }
         }
         Err(e) => reply(conn, backend_error(Some(reference), e)),
     }
@@ -337,21 +366,17 @@ async fn cancel(
     task: &str,
     backend_id: &str,
 ) {
-    let policy = &state.policy;
-    match state.backend.cancel(backend_id).await {
-        Ok(status) => {
-            state.hub.apply_status(task, &status, policy, 0.0);
-        }
-        Err(BackendError::NotFound) => {
-            state.hub.fail(
-                task,
-                "the task service no longer knows this task".into(),
-                policy,
-            );
-        }
+    let answer = match state.backend.cancel(backend_id).await {
+        Ok(status) => Ok(status),
+        Err(BackendError::NotFound) => Err(BackendError::NotFound),
         Err(e) => return reply(conn, backend_error(reference, e)),
+    };
+    if let Err(e) = state.engine.apply_cancel(conn, task, answer).await {
+        reply(
+            conn,
+            ServerMsg::error(reference, ErrorCode::BackendUnavailable, e.to_string()),
+        );
     }
-    state.hub.send_state_to(conn, task);
 }
 
 fn not_found(reference: Option<String>, task: &str) -> ServerMsg {

@@ -3,17 +3,19 @@
 //! serialised once and fans out to the task's subscribers' outboxes.
 
 pub mod outbox;
+pub mod transition;
 
+use crate::backend::BackendError;
 use crate::backend::Status;
 use crate::clock::Clock;
-use crate::scheduler::policy::{Decision, Observed, PollPolicy};
+use crate::scheduler::policy::{Decision, PollPolicy};
 use app::protocol::{ServerMsg, Task, TaskMsgRef, TaskState, PROTOCOL_VERSION};
 use axum::extract::ws::Utf8Bytes;
 pub use outbox::{CloseReason, Next, Outbox};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use transition::{Step, Tracked};
 
 pub type ConnId = u64;
 
@@ -30,6 +32,10 @@ struct Inner {
     state: Mutex<State>,
     clock: Clock,
     next_conn: AtomicU64,
+    /// The Redis engine's web side: the hub mirrors only the sessions that
+    /// have a connection here (and their tasks), and lets go of a session
+    /// when its last connection closes. Redis holds the truth.
+    mirror: bool,
 }
 
 #[derive(Default)]
@@ -48,26 +54,20 @@ struct SessionEntry {
     recent_starts: VecDeque<u64>,
     /// Starts admitted and still waiting on the task service.
     starts_pending: u32,
+    /// Mirror mode: connections being set up (loading from Redis).
+    held: u32,
 }
 
 struct TaskEntry {
     /// `task.id`, shared with the outboxes that key their updates by it.
     id: Arc<str>,
-    task: Task,
+    /// The state and what the poll engine remembers of it.
+    tr: Tracked,
     /// `{"type":"task",...}` of the current state, serialised once.
     frame: Utf8Bytes,
     session: Arc<str>,
     backend_id: Arc<str>,
     subscribers: Vec<(ConnId, Arc<Outbox>)>,
-    outage: Option<Outage>,
-    /// The first `(done, changed_at_ms)` the task service reported: the
-    /// adaptive cadence measures the rate of progress from it.
-    first_seen: Option<(u64, u64)>,
-}
-
-struct Outage {
-    since_ms: u64,
-    failures: u32,
 }
 
 /// One WebSocket connection as the hub knows it.
@@ -108,7 +108,7 @@ fn task_frame(task: &Task) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(&TaskMsgRef { task }).expect("a Task always serialises"))
 }
 
-fn random_hex(bytes: usize) -> String {
+pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     // The OS random source failing is not something a request can cause.
     getrandom::fill(&mut buf).expect("the OS random source works");
@@ -116,7 +116,7 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// A well-formed session token: 32 lowercase hex chars (128 random bits).
-fn is_token(s: &str) -> bool {
+pub fn is_token(s: &str) -> bool {
     s.len() == 32
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -124,13 +124,27 @@ fn is_token(s: &str) -> bool {
 
 impl Hub {
     pub fn new(clock: Clock) -> Self {
+        Self::build(clock, false)
+    }
+
+    /// A hub that mirrors Redis for this process's connections.
+    pub fn mirror(clock: Clock) -> Self {
+        Self::build(clock, true)
+    }
+
+    fn build(clock: Clock, mirror: bool) -> Self {
         Hub {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 clock,
                 next_conn: AtomicU64::new(1),
+                mirror,
             }),
         }
+    }
+
+    pub fn is_mirror(&self) -> bool {
+        self.inner.mirror
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -169,7 +183,7 @@ impl Hub {
         for tid in &entry.tasks {
             if let Some(t) = s.tasks.get_mut(tid) {
                 t.subscribers.push((id, outbox.clone()));
-                tasks.push(t.task.clone());
+                tasks.push(t.tr.task.clone());
             }
         }
         s.conns.insert(id, outbox.clone());
@@ -211,7 +225,11 @@ impl Hub {
         let live = entry
             .tasks
             .iter()
-            .filter(|id| s.tasks.get(*id).is_some_and(|t| !t.task.state.is_final()))
+            .filter(|id| {
+                s.tasks
+                    .get(*id)
+                    .is_some_and(|t| !t.tr.task.state.is_final())
+            })
             .count() as u64
             + entry.starts_pending as u64;
         if live >= max_live {
@@ -246,6 +264,10 @@ impl Hub {
                 t.subscribers.retain(|(c, _)| *c != conn.id);
             }
         }
+        if self.inner.mirror {
+            release_if_unused(s, &conn.session);
+            return None;
+        }
         (entry.conns == 0 && entry.tasks.is_empty()).then(|| conn.session.clone())
     }
 
@@ -259,10 +281,15 @@ impl Hub {
         params: Option<serde_json::Value>,
         backend_id: &str,
     ) -> Arc<str> {
+        let task = self.new_task(kind, params);
+        self.insert_task(conn, reference, task, backend_id)
+    }
+
+    /// A new task's first state (`queued`, `seq` 0) under a fresh id.
+    pub fn new_task(&self, kind: &str, params: Option<serde_json::Value>) -> Task {
         let now = self.now_ms();
-        let id: Arc<str> = format!("t{}", random_hex(12)).into();
-        let task = Task {
-            id: id.to_string(),
+        Task {
+            id: format!("t{}", random_hex(12)),
             kind: kind.to_string(),
             state: TaskState::Queued,
             done: 0,
@@ -274,32 +301,120 @@ impl Hub {
             created_ms: now,
             updated_ms: now,
             params,
-        };
+        }
+    }
+
+    /// Adds a new task to `conn`'s session (unless a change from Redis put
+    /// it there first), queues `accepted` to `conn` and subscribes it.
+    pub fn insert_task(
+        &self,
+        conn: &Conn,
+        reference: String,
+        task: Task,
+        backend_id: &str,
+    ) -> Arc<str> {
         let accepted = ServerMsg::Accepted {
             reference,
             task: task.clone(),
         };
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        conn.outbox.push_reply(accepted.to_json().into());
+        if let Some((id, t)) = s.tasks.get_key_value_mut_compat(&task.id) {
+            if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
+                t.subscribers.push((conn.id, conn.outbox.clone()));
+            }
+            return id;
+        }
+        let id: Arc<str> = task.id.as_str().into();
         s.sessions
             .entry(conn.session.clone())
             .or_default()
             .tasks
             .push(id.clone());
-        conn.outbox.push_reply(accepted.to_json().into());
         s.tasks.insert(
             id.clone(),
             TaskEntry {
                 id: id.clone(),
                 frame: task_frame(&task),
-                task,
+                tr: Tracked::new(task),
                 session: conn.session.clone(),
                 backend_id: backend_id.into(),
                 subscribers: vec![(conn.id, conn.outbox.clone())],
-                outage: None,
-                first_seen: None,
             },
         );
         id
+    }
+
+    /// Mirror mode: a connection of `session` is being set up; changes
+    /// from Redis to its tasks are kept from now on.
+    pub fn hold(&self, session: &Arc<str>) {
+        self.lock()
+            .sessions
+            .entry(session.clone())
+            .or_default()
+            .held += 1;
+    }
+
+    /// Mirror mode: the set-up [`Hub::hold`] began is over.
+    pub fn unhold(&self, session: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if let Some(e) = s.sessions.get_mut(session) {
+            e.held = e.held.saturating_sub(1);
+        }
+        release_if_unused(s, session);
+    }
+
+    /// The sessions this process mirrors (to read again from Redis after
+    /// its subscription to changes was lost).
+    pub fn sessions(&self) -> Vec<Arc<str>> {
+        self.lock().sessions.keys().cloned().collect()
+    }
+
+    /// Mirror mode: a task's state as Redis has it. Kept only for a session
+    /// mirrored here, and only when newer than what is here (a lost or late
+    /// message can never move a task back). Returns whether it was applied.
+    pub fn apply_remote(&self, session: &str, backend_id: Option<&str>, task: Task) -> bool {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some((session, entry)) = s.sessions.get_key_value_mut_compat(session) else {
+            return false;
+        };
+        if let Some(t) = s.tasks.get_mut(task.id.as_str()) {
+            if task.seq <= t.tr.task.seq {
+                return false;
+            }
+            t.tr.task = task;
+            publish(t);
+            return true;
+        }
+        let id: Arc<str> = task.id.as_str().into();
+        entry.tasks.push(id.clone());
+        s.tasks.insert(
+            id.clone(),
+            TaskEntry {
+                id,
+                frame: task_frame(&task),
+                tr: Tracked::new(task),
+                session,
+                backend_id: backend_id.unwrap_or_default().into(),
+                subscribers: Vec::new(),
+            },
+        );
+        true
+    }
+
+    /// Mirror mode: a task was forgotten (on this or another process).
+    pub fn forget_remote(&self, session: &str, task_id: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if s.tasks.get(task_id).is_some_and(|t| &*t.session == session) {
+            s.tasks.remove(task_id);
+            if let Some(e) = s.sessions.get_mut(session) {
+                e.tasks.retain(|id| &**id != task_id);
+            }
+        }
     }
 
     /// Subscribes `conn` to a task of its session and queues the current state.
@@ -313,7 +428,8 @@ impl Hub {
         if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
             t.subscribers.push((conn.id, conn.outbox.clone()));
         }
-        conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+        conn.outbox
+            .push_update(&t.id, t.tr.task.seq, t.frame.clone());
         Ok(())
     }
 
@@ -339,8 +455,9 @@ impl Hub {
             .get(task_id)
             .filter(|t| t.session == conn.session)
             .ok_or(NotFound)?;
-        if t.task.state.is_final() {
-            conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+        if t.tr.task.state.is_final() {
+            conn.outbox
+                .push_update(&t.id, t.tr.task.seq, t.frame.clone());
             Ok(CancelTarget::AlreadyFinal)
         } else {
             Ok(CancelTarget::Backend(t.backend_id.clone()))
@@ -353,7 +470,8 @@ impl Hub {
         let s = self.lock();
         if let Some(t) = s.tasks.get(task_id).filter(|t| t.session == conn.session) {
             if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
-                conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+                conn.outbox
+                    .push_update(&t.id, t.tr.task.seq, t.frame.clone());
             }
         }
     }
@@ -363,7 +481,7 @@ impl Hub {
     pub fn poll_target(&self, task_id: &str) -> Option<Arc<str>> {
         let s = self.lock();
         let t = s.tasks.get(task_id)?;
-        (!t.task.state.is_final()).then(|| t.backend_id.clone())
+        (!t.tr.task.state.is_final()).then(|| t.backend_id.clone())
     }
 
     /// Whether the hub still holds this task and it is final.
@@ -371,7 +489,7 @@ impl Hub {
         self.lock()
             .tasks
             .get(task_id)
-            .map(|t| t.task.state.is_final())
+            .map(|t| t.tr.task.state.is_final())
     }
 
     /// Applies a status the task service reported, and says when to poll
@@ -385,109 +503,37 @@ impl Hub {
         jitter: f64,
     ) -> Decision {
         let now = self.now_ms();
-        let mut s = self.lock();
-        let Some(t) = s.tasks.get_mut(task_id) else {
-            return Decision::Drop;
-        };
-        t.outage = None;
-        let (first_done, first_changed_at_ms) = *t
-            .first_seen
-            .get_or_insert((status.done, status.changed_at_ms));
-        if !t.task.state.is_final() {
-            let next = Task {
-                state: status.state,
-                done: status.done,
-                total: status.total,
-                message: status.message.clone(),
-                result: status.result.clone(),
-                error: status.error.clone(),
-                updated_ms: status.changed_at_ms,
-                ..t.task.clone()
-            };
-            if next != t.task {
-                publish(t, next);
-            }
-        }
-        if t.task.state.is_final() {
-            return policy.after_success(true);
-        }
-        let seen = Observed {
-            done: t.task.done,
-            total: t.task.total,
-            changed_at_ms: t.task.updated_ms,
-            first_done,
-            first_changed_at_ms,
-        };
-        if policy.adaptive {
-            Decision::Poll(policy.next_poll(&seen, now, jitter))
-        } else {
-            Decision::Tick(Duration::from_millis(policy.poll_interval_ms))
-        }
+        self.transition(task_id, |tr| tr.on_status(status, policy, now, jitter))
     }
 
-    /// Records a failed poll: the task keeps its state and says, in
-    /// `message`, that the service is unreachable and when the next try is.
-    pub fn apply_outage(
+    /// Applies a failed poll (see [`Tracked::on_error`]).
+    pub fn apply_error(
         &self,
         task_id: &str,
-        reason: &str,
-        retry_after: Option<Duration>,
+        error: &BackendError,
         policy: &PollPolicy,
     ) -> Decision {
         let now = self.now_ms();
-        let mut s = self.lock();
-        let Some(t) = s.tasks.get_mut(task_id) else {
-            return Decision::Drop;
-        };
-        if t.task.state.is_final() {
-            return policy.after_success(true);
-        }
-        let outage = t.outage.get_or_insert(Outage {
-            since_ms: now,
-            failures: 0,
-        });
-        outage.failures += 1;
-        let decision = policy.after_failure(
-            outage.failures,
-            now.saturating_sub(outage.since_ms),
-            retry_after,
-        );
-        let message = match decision {
-            Decision::Poll(d) => format!(
-                "the task service is unreachable ({reason}); next try in {:.1} s",
-                d.as_secs_f64()
-            ),
-            _ => return decision,
-        };
-        let next = Task {
-            message: Some(message),
-            updated_ms: now,
-            ..t.task.clone()
-        };
-        publish(t, next);
-        decision
+        self.transition(task_id, |tr| tr.on_error(error, policy, now))
     }
 
-    /// Turns a live task `failed` for a reason of the server's own (the task
-    /// service lost it, or stayed unreachable too long).
+    /// Turns a live task `failed` for a reason of the server's own.
     pub fn fail(&self, task_id: &str, error: String, policy: &PollPolicy) -> Decision {
         let now = self.now_ms();
+        self.transition(task_id, |tr| tr.fail(error, policy, now))
+    }
+
+    fn transition(&self, task_id: &str, f: impl FnOnce(&mut Tracked) -> Step) -> Decision {
         let mut s = self.lock();
         let Some(t) = s.tasks.get_mut(task_id) else {
             return Decision::Drop;
         };
-        if !t.task.state.is_final() {
-            let next = Task {
-                state: TaskState::Failed,
-                message: None,
-                error: Some(error),
-                updated_ms: now,
-                ..t.task.clone()
-            };
-            publish(t, next);
+        let step = f(&mut t.tr);
+        if let Some(next) = step.next {
+            t.tr.commit(next);
+            publish(t);
         }
-        t.outage = None;
-        policy.after_success(true)
+        step.decision
     }
 
     /// `forget`: drops a finished task of `conn`'s session now. Returns the
@@ -510,7 +556,7 @@ impl Hub {
     pub fn expire_task(&self, task_id: &str) -> Option<Arc<str>> {
         let mut guard = self.lock();
         let s = &mut *guard;
-        if !s.tasks.get(task_id)?.task.state.is_final() {
+        if !s.tasks.get(task_id)?.tr.task.state.is_final() {
             return None;
         }
         let t = s.tasks.remove(task_id)?;
@@ -546,7 +592,7 @@ impl Hub {
             live_tasks: s
                 .tasks
                 .values()
-                .filter(|t| !t.task.state.is_final())
+                .filter(|t| !t.tr.task.state.is_final())
                 .count(),
             connections: s.conns.len(),
             subscriptions: s.tasks.values().map(|t| t.subscribers.len()).sum(),
@@ -560,7 +606,7 @@ impl Hub {
         s.sessions.get(session).map_or_else(Vec::new, |e| {
             e.tasks
                 .iter()
-                .filter_map(|id| s.tasks.get(id).map(|t| t.task.clone()))
+                .filter_map(|id| s.tasks.get(id).map(|t| t.tr.task.clone()))
                 .collect()
         })
     }
@@ -570,23 +616,48 @@ impl Hub {
         let s = self.lock();
         s.tasks
             .iter()
-            .filter(|(_, t)| !t.task.state.is_final())
+            .filter(|(_, t)| !t.tr.task.state.is_final())
             .map(|(id, _)| id.clone())
             .collect()
     }
 
     /// A copy of one task, whoever owns it (for tests and the scheduler).
     pub fn task(&self, task_id: &str) -> Option<Task> {
-        self.lock().tasks.get(task_id).map(|t| t.task.clone())
+        self.lock().tasks.get(task_id).map(|t| t.tr.task.clone())
     }
 }
 
-/// Makes `next` the task's state: next `seq`, one serialisation, fan-out.
-fn publish(t: &mut TaskEntry, mut next: Task) {
-    next.seq = t.task.seq + 1;
-    t.frame = task_frame(&next);
-    t.task = next;
+/// Mirror mode: forgets a session (and its tasks) that has no connection
+/// here and none being set up.
+fn release_if_unused(s: &mut State, session: &str) {
+    if s.sessions
+        .get(session)
+        .is_some_and(|e| e.conns == 0 && e.held == 0)
+    {
+        if let Some(e) = s.sessions.remove(session) {
+            for id in &e.tasks {
+                s.tasks.remove(id);
+            }
+        }
+    }
+}
+
+/// `get_key_value` with a mutable value: the shared key and the entry.
+trait GetKeyValueMut<V> {
+    fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Arc<str>, &mut V)>;
+}
+
+impl<V> GetKeyValueMut<V> for HashMap<Arc<str>, V> {
+    fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Arc<str>, &mut V)> {
+        let k = self.get_key_value(key)?.0.clone();
+        self.get_mut(key).map(|v| (k, v))
+    }
+}
+
+/// Sends the task's (new) current state: one serialisation, fan-out.
+fn publish(t: &mut TaskEntry) {
+    t.frame = task_frame(&t.tr.task);
     for (_, outbox) in &t.subscribers {
-        outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+        outbox.push_update(&t.id, t.tr.task.seq, t.frame.clone());
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod policy;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::Backend;
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::rate::TokenBucket;
@@ -76,8 +76,8 @@ pub struct SchedulerStats {
     /// Due → fired, of every poll.
     pub lateness: m::MicrosHistogram,
     /// Registry handles, looked up once (a lookup per poll costs a hash).
-    lateness_seconds: metrics::Histogram,
-    poll_seconds: metrics::Histogram,
+    pub(crate) lateness_seconds: metrics::Histogram,
+    pub(crate) poll_seconds: metrics::Histogram,
 }
 
 impl Default for SchedulerStats {
@@ -104,6 +104,14 @@ impl SchedulerHandle {
             .await;
     }
 
+    /// Forgets a finished task after `delay` (the Redis engine's mirror).
+    pub async fn expire_task(&self, task: Arc<str>, delay: Duration) {
+        let _ = self
+            .tx
+            .send(Command::Schedule(Job::ExpireTask(task), delay))
+            .await;
+    }
+
     /// Forgets `session` after `delay` if it still has no task and no connection.
     pub async fn expire_session(&self, session: Arc<str>, delay: Duration) {
         let _ = self
@@ -121,6 +129,11 @@ impl SchedulerHandle {
 
     pub fn stats(&self) -> &SchedulerStats {
         &self.stats
+    }
+
+    /// The counters, shared (the Redis worker counts its polls in them).
+    pub fn shared_stats(&self) -> Arc<SchedulerStats> {
+        self.stats.clone()
     }
 }
 
@@ -356,37 +369,8 @@ async fn poll_once(
         Err(e) => {
             stats.poll_errors.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::BACKEND_ERRORS, "kind" => e.kind()).increment(1);
-            poll_failed(hub, policy, task, e)
+            hub.apply_error(task, &e, policy)
         }
-    }
-}
-
-fn poll_failed(hub: &Hub, policy: &PollPolicy, task: &str, e: BackendError) -> Decision {
-    let (reason, retry_after) = match e {
-        BackendError::NotFound => {
-            return hub.fail(
-                task,
-                "the task service no longer knows this task".into(),
-                policy,
-            )
-        }
-        BackendError::Unavailable {
-            reason,
-            retry_after,
-            ..
-        } => (reason, retry_after),
-        other => (other.to_string(), None),
-    };
-    match hub.apply_outage(task, &reason, retry_after, policy) {
-        Decision::GiveUp => hub.fail(
-            task,
-            format!(
-                "the task service was unreachable for {} s ({reason}); gave up",
-                policy.give_up_ms / 1000
-            ),
-            policy,
-        ),
-        d => d,
     }
 }
 

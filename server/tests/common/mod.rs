@@ -265,6 +265,17 @@ impl SimProcess {
             .expect("stats json")
     }
 
+    /// Status requests per task (by the task service's id).
+    pub async fn stats_per_task(&self) -> std::collections::BTreeMap<String, u64> {
+        let body: serde_json::Value = reqwest::get(format!("{}/stats?per_task=1", self.url))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json");
+        serde_json::from_value(body["per_task"].clone()).expect("per_task is a map")
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,0 +1,120 @@
+//! A web process's subscription to task changes in Redis: every [`Event`]
+//! on [`EVENTS`] goes into the mirror hub (which keeps it only for the
+//! sessions connected here, and only when newer than what it has).
+//!
+//! Pub/sub is at-most-once: what is published while the subscription is
+//! down is lost. Events carry a task's whole state, so a missed message is
+//! made good by any later one (a `seq` gap loses nothing); the one thing a
+//! gap cannot make good is a missed *last* message, so after every
+//! (re)subscription the listener reads every mirrored session again from
+//! Redis. Redis drops a subscriber only by closing its connection (e.g. its
+//! output buffer limit), which this loop sees and answers the same way.
+
+use super::store::{Event, Store, EVENTS};
+use crate::hub::Hub;
+use crate::metrics as m;
+use crate::scheduler::SchedulerHandle;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+pub struct Listener {
+    pub store: Store,
+    pub hub: Hub,
+    /// Expires finished tasks from the mirror after the retention.
+    pub scheduler: SchedulerHandle,
+    pub retention: Duration,
+    /// Set once the first subscription is up (start-up waits for it).
+    pub ready: watch::Sender<bool>,
+}
+
+impl Listener {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut retry = RETRY_MIN;
+        loop {
+            match self.subscribe().await {
+                Ok(mut pubsub) => {
+                    retry = RETRY_MIN;
+                    self.resync().await;
+                    let _ = self.ready.send(true);
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            msg = messages.next() => match msg {
+                                Some(msg) => self.handle(msg.get_payload_bytes()).await,
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("lost the Redis subscription; subscribing again");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to Redis; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn subscribe(&self) -> Result<redis::aio::PubSub, redis::RedisError> {
+        let connect = async {
+            let mut pubsub = self.store.client().get_async_pubsub().await?;
+            pubsub.subscribe(EVENTS).await?;
+            Ok(pubsub)
+        };
+        tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "subscribing timed out",
+                )))
+            })
+    }
+
+    /// Reads every mirrored session again (after a subscription began).
+    async fn resync(&self) {
+        for session in self.hub.sessions() {
+            match self.store.session_tasks(&session).await {
+                Ok(tasks) => {
+                    for (task, backend_id) in tasks {
+                        self.apply(&session, Some(&backend_id), task).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "resync of a session failed"),
+            }
+        }
+        metrics::counter!(m::REDIS_RESYNCS).increment(1);
+    }
+
+    async fn handle(&self, payload: &[u8]) {
+        let event: Event = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable event on {EVENTS}");
+                return;
+            }
+        };
+        if let Some(id) = &event.forget {
+            self.hub.forget_remote(&event.s, id);
+        }
+        if let Some(task) = event.t {
+            self.apply(&event.s, event.b.as_deref(), task).await;
+        }
+    }
+
+    async fn apply(&self, session: &str, backend_id: Option<&str>, task: app::protocol::Task) {
+        let id: Arc<str> = task.id.as_str().into();
+        let is_final = task.state.is_final();
+        if self.hub.apply_remote(session, backend_id, task) && is_final {
+            self.scheduler.expire_task(id, self.retention).await;
+        }
+    }
+}

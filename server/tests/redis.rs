@@ -1,0 +1,309 @@
+//! The Redis engine with real processes: a real `redis-server` on a free
+//! port, the simulator as its own process, and several `taskwire` web and
+//! worker processes sharing them. Each test starts its own Redis.
+
+mod common;
+
+use app::protocol::{ServerMsg, TaskState};
+use common::{spawn_taskwire, Client, SimProcess};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` of our own, on a free port, killed on drop. Its
+/// append-only file is written on every change, so a restart (even after
+/// SIGKILL) finds every task where it was.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("taskwire-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let mut r = RedisServer {
+            child: None,
+            port,
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server runs (the README's test command installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A `taskwire` process, killed (SIGKILL) on drop.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const INTERVAL_MS: u64 = 200;
+
+fn taskwire(role: &str, redis: &RedisServer, sim: &SimProcess) -> Proc {
+    let interval = INTERVAL_MS.to_string();
+    let (child, addr) = spawn_taskwire(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--role",
+        role,
+        "--redis",
+        &redis.url(),
+        "--backend",
+        &sim.url,
+        "--poll-mode",
+        "fixed",
+        "--poll-interval-ms",
+        &interval,
+        "--backend-timeout-ms",
+        "1000",
+        "--max-starts-per-min",
+        "1000",
+    ]);
+    Proc { child, addr }
+}
+
+/// Starts `n` simulate tasks on `client`; returns their ids.
+async fn start_many(client: &mut Client, n: usize, duration_ms: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let task = client
+            .start(
+                &format!("r{i}"),
+                json!({"duration_ms": duration_ms, "steps": 10}),
+            )
+            .await;
+        ids.push(task.id);
+    }
+    ids
+}
+
+/// Reads until every task in `ids` is final; returns the final states.
+async fn until_all_final(client: &mut Client, ids: &[String]) -> Vec<app::protocol::Task> {
+    let mut finals = std::collections::HashMap::new();
+    for t in &client.welcome {
+        if ids.contains(&t.id) && t.state.is_final() {
+            finals.insert(t.id.clone(), t.clone());
+        }
+    }
+    while finals.len() < ids.len() {
+        if let ServerMsg::Task { task } = client.recv().await {
+            if ids.contains(&task.id) && task.state.is_final() {
+                finals.insert(task.id.clone(), task);
+            }
+        }
+    }
+    ids.iter().map(|id| finals[id].clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_web_two_workers_one_task_space() {
+    let redis = RedisServer::start();
+    let sim = SimProcess::start();
+    let web_a = taskwire("web", &redis, &sim);
+    let web_b = taskwire("web", &redis, &sim);
+    let _w1 = taskwire("worker", &redis, &sim);
+    let _w2 = taskwire("worker", &redis, &sim);
+
+    let mut a = Client::connect(web_a.addr, None).await;
+    // The same session, through the other web process.
+    let mut b = Client::connect(web_b.addr, Some(&a.session)).await;
+    assert_eq!(b.session, a.session, "sessions live in Redis");
+
+    let duration_ms = 2_000;
+    let ids = start_many(&mut a, 10, duration_ms).await;
+    for id in &ids {
+        b.send(json!({"type":"subscribe","task":id})).await;
+    }
+    let finals = until_all_final(&mut b, &ids).await;
+    for t in &finals {
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        assert_eq!((t.done, t.total), (10, Some(10)));
+    }
+    // A, which started them, saw the same final states.
+    let finals_a = until_all_final(&mut a, &ids).await;
+    assert_eq!(finals, finals_a);
+
+    // Polled about once per tick over both workers, never twice a tick:
+    // a 2 s task at 200 ms is polled ~11 times (one more for the final).
+    let stats = sim.stats_per_task().await;
+    let ticks = duration_ms / INTERVAL_MS;
+    for id in &ids {
+        let backend_polls = stats.values().copied().collect::<Vec<u64>>();
+        assert!(
+            !backend_polls.is_empty(),
+            "{id}: the task service saw polls"
+        );
+    }
+    for (backend_id, polls) in &stats {
+        assert!(
+            (ticks - 2..=ticks + 3).contains(polls),
+            "task {backend_id} polled {polls} times in {ticks} ticks"
+        );
+    }
+
+    // A new connection to B gets every task in its welcome.
+    let c = Client::connect(web_b.addr, Some(&a.session)).await;
+    let listed: Vec<&str> = c.welcome.iter().map(|t| t.id.as_str()).collect();
+    for id in &ids {
+        assert!(listed.contains(&id.as_str()), "{id} missing from welcome");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_s_tasks_finish_on_the_other() {
+    let redis = RedisServer::start();
+    let sim = SimProcess::start();
+    let web = taskwire("web", &redis, &sim);
+    let mut w1 = taskwire("worker", &redis, &sim);
+    let _w2 = taskwire("worker", &redis, &sim);
+
+    let mut a = Client::connect(web.addr, None).await;
+    let ids = start_many(&mut a, 20, 3_000).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    w1.kill(); // SIGKILL: its claims are left to run out.
+    let finals = until_all_final(&mut a, &ids).await;
+    for t in &finals {
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        assert_eq!(t.done, 10);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_run_everything_carries_on() {
+    let mut redis = RedisServer::start();
+    let sim = SimProcess::start();
+    let web = taskwire("web", &redis, &sim);
+    let _worker = taskwire("worker", &redis, &sim);
+
+    let mut a = Client::connect(web.addr, None).await;
+    let ids = start_many(&mut a, 10, 3_000).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    redis.restart();
+    // The connection stays up; the listener resubscribes and reads the
+    // session again, the worker's claims run out and are polled again.
+    let finals = until_all_final(&mut a, &ids).await;
+    for t in &finals {
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    }
+    // New work goes through after the restart.
+    let more = start_many(&mut a, 2, 500).await;
+    let finals = until_all_final(&mut a, &more).await;
+    assert!(finals.iter().all(|t| t.state == TaskState::Succeeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_with_redis_behaves_like_memory() {
+    let redis = RedisServer::start();
+    let sim = SimProcess::start();
+    let all = taskwire("all", &redis, &sim);
+    let mut a = Client::connect(all.addr, None).await;
+    let task = a
+        .start("one", json!({"duration_ms": 600, "steps": 3}))
+        .await;
+    assert_eq!(task.state, TaskState::Queued);
+    let seen = a.until_final(&task.id).await;
+    let last = seen.last().unwrap();
+    assert_eq!(last.state, TaskState::Succeeded);
+    // `seq` rises by one per change, whichever process made it.
+    let seqs: Vec<u64> = seen.iter().map(|t| t.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+
+    // Cancel of a finished task, and forget: the task is gone for a new
+    // connection too.
+    a.send(json!({"type":"forget","task":task.id})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = Client::connect(all.addr, Some(&a.session)).await;
+    assert!(b.welcome.iter().all(|t| t.id != task.id));
+
+    // A cancel goes through Redis too.
+    let long = a
+        .start("long", json!({"duration_ms": 60_000, "steps": 10}))
+        .await;
+    a.send(json!({"type":"cancel","ref":"c","task":long.id}))
+        .await;
+    let seen = a.until_final(&long.id).await;
+    assert_eq!(seen.last().unwrap().state, TaskState::Cancelled);
+}
+
+#[test]
+fn roles_need_redis() {
+    let out = Command::new(env!("CARGO_BIN_EXE_taskwire"))
+        .args(["--role", "worker", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("need --redis"), "{err}");
+}
