@@ -264,6 +264,40 @@ async fn redis_restarted_mid_run_everything_carries_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_change_feed_loses_no_final_state() {
+    let redis = RedisServer::start();
+    let sim = SimProcess::start();
+    let web = taskwire("web", &redis, &sim);
+    let _worker = taskwire("worker", &redis, &sim);
+    let mut a = Client::connect(web.addr, None).await;
+    let ids = start_many(&mut a, 10, 1_500).await;
+
+    // Cut every pub/sub connection again and again while the tasks run:
+    // what is published meanwhile is lost, and the web process must make
+    // it good by reading the session again when it resubscribes.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let cutter = tokio::spawn(async move {
+        let mut cut = 0u64;
+        for _ in 0..40 {
+            let n: u64 = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "pubsub"])
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
+            cut += n;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cut
+    });
+    let finals = until_all_final(&mut a, &ids).await;
+    assert!(finals
+        .iter()
+        .all(|t| t.state == TaskState::Succeeded && t.done == 10));
+    assert!(cutter.await.unwrap() > 0, "subscriptions were cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_with_redis_behaves_like_memory() {
     let redis = RedisServer::start();
     let sim = SimProcess::start();

@@ -10,7 +10,7 @@
 //! Redis. Redis drops a subscriber only by closing its connection (e.g. its
 //! output buffer limit), which this loop sees and answers the same way.
 
-use super::store::{Event, Store, EVENTS};
+use super::store::{Event, Store, StoreError, EVENTS};
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::scheduler::SchedulerHandle;
@@ -37,22 +37,27 @@ impl Listener {
         let mut retry = RETRY_MIN;
         loop {
             match self.subscribe().await {
-                Ok(mut pubsub) => {
-                    retry = RETRY_MIN;
-                    self.resync().await;
-                    let _ = self.ready.send(true);
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.changed() => return,
-                            msg = messages.next() => match msg {
-                                Some(msg) => self.handle(msg.get_payload_bytes()).await,
-                                None => break,
-                            },
-                        }
+                Ok(mut pubsub) => match self.resync().await {
+                    Err(e) => {
+                        // Resubscribe and read again: a final state must not be missed.
+                        tracing::warn!(error = %e, "resync after subscribing failed; retrying");
                     }
-                    tracing::warn!("lost the Redis subscription; subscribing again");
-                }
+                    Ok(()) => {
+                        retry = RETRY_MIN;
+                        let _ = self.ready.send(true);
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.changed() => return,
+                                msg = messages.next() => match msg {
+                                    Some(msg) => self.handle(msg.get_payload_bytes()).await,
+                                    None => break,
+                                },
+                            }
+                        }
+                        tracing::warn!("lost the Redis subscription; subscribing again");
+                    }
+                },
                 Err(e) => tracing::warn!(error = %e, "cannot subscribe to Redis; retrying"),
             }
             tokio::select! {
@@ -80,18 +85,14 @@ impl Listener {
     }
 
     /// Reads every mirrored session again (after a subscription began).
-    async fn resync(&self) {
+    async fn resync(&self) -> Result<(), StoreError> {
         for session in self.hub.sessions() {
-            match self.store.session_tasks(&session).await {
-                Ok(tasks) => {
-                    for (task, backend_id) in tasks {
-                        self.apply(&session, Some(&backend_id), task).await;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "resync of a session failed"),
+            for (task, backend_id) in self.store.session_tasks(&session).await? {
+                self.apply(&session, Some(&backend_id), task).await;
             }
         }
         metrics::counter!(m::REDIS_RESYNCS).increment(1);
+        Ok(())
     }
 
     async fn handle(&self, payload: &[u8]) {

@@ -231,7 +231,15 @@ pub fn spawn_taskwire(args: &[&str]) -> (Child, SocketAddr) {
             break rest.trim().parse::<SocketAddr>().expect("an address");
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // TASKWIRE_TEST_LOGS=1 shows what the process logs (with `--nocapture`).
+    let show = std::env::var_os("TASKWIRE_TEST_LOGS").is_some();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if show {
+                eprintln!("[{addr}] {line}");
+            }
+        }
+    });
     (child, addr)
 }
 
