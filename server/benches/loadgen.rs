@@ -39,6 +39,10 @@ usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...
   --label TEXT            scenario name in the report
   --server-bin PATH       taskwire binary for server and simulator
                           (default: the one cargo built, target/release/taskwire)
+  --engine E              memory (default), redis-all (one `--role all`
+                          process on Redis) or redis-split (one web and
+                          one worker process on Redis); starts its own
+                          redis-server on a free port for the Redis ones
   --json                  print one JSON object instead of a table
   --server-args ARGS...   everything after this goes to the server";
 
@@ -55,6 +59,7 @@ struct Opts {
     label: Option<String>,
     server_bin: String,
     json: bool,
+    engine: String,
     server_args: Vec<String>,
 }
 
@@ -72,6 +77,7 @@ impl Opts {
             label: None,
             server_bin: env!("CARGO_BIN_EXE_taskwire").to_string(),
             json: false,
+            engine: "memory".into(),
             server_args: vec![],
         };
         let mut it = args.into_iter();
@@ -104,6 +110,15 @@ impl Opts {
                 "--label" => o.label = Some(value(&flag)?),
                 "--server-bin" => o.server_bin = value(&flag)?,
                 "--json" => o.json = true,
+                "--engine" => {
+                    o.engine = value(&flag)?;
+                    if !matches!(o.engine.as_str(), "memory" | "redis-all" | "redis-split") {
+                        return Err(format!(
+                            "--engine: `{}` is not memory, redis-all or redis-split",
+                            o.engine
+                        ));
+                    }
+                }
                 "--server-args" => {
                     o.server_args = it.by_ref().collect();
                 }
@@ -130,6 +145,11 @@ impl Opts {
             self.poll_interval_ms,
             self.ramp_ms
         );
+        let base = if self.engine == "memory" {
+            base
+        } else {
+            format!("{base}, engine {}", self.engine)
+        };
         let base = if self.server_args.is_empty() {
             base
         } else {
@@ -265,6 +285,50 @@ impl Drop for ChildProc {
     }
 }
 
+/// A `redis-server` of the run's own on a free port, no persistence,
+/// killed when dropped.
+struct RedisProc {
+    child: Child,
+    port: u16,
+}
+
+impl RedisProc {
+    fn start() -> Result<RedisProc, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server (is it installed?): {e}"))?;
+        let mut r = RedisProc { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || !matches!(r.child.try_wait(), Ok(None)) {
+                return Err("redis-server did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = &mut r;
+        Ok(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------- /proc
 
 fn clock_ticks_per_s() -> f64 {
@@ -312,17 +376,18 @@ fn machine_ticks() -> Option<(u64, u64)> {
     Some((total - v[3] - v[4], total))
 }
 
-/// Polls VmRSS of the server, the simulator and this process every 200 ms.
+/// Polls VmRSS of the given processes (server, simulator, this process,
+/// then the worker and redis-server when there are) every 200 ms.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    peaks: Arc<[AtomicU64; 3]>,
+    peaks: Arc<Vec<AtomicU64>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sampler {
-    fn start(pids: [String; 3]) -> Sampler {
+    fn start(pids: Vec<String>) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
-        let peaks: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+        let peaks: Arc<Vec<AtomicU64>> = Arc::new(pids.iter().map(|_| AtomicU64::new(0)).collect());
         let (s, p) = (stop.clone(), peaks.clone());
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -341,13 +406,16 @@ impl Sampler {
         }
     }
 
-    /// Peak RSS in KiB: server, simulator, load generator.
-    fn finish(mut self) -> [u64; 3] {
+    /// Peak RSS in KiB, in the order of the pids given.
+    fn finish(mut self) -> Vec<u64> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        [0, 1, 2].map(|i| self.peaks[i].load(Ordering::Relaxed))
+        self.peaks
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -653,16 +721,40 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         .current_dir(&root);
     let mut sim = ChildProc::start("simulator", sim_cmd, "listening on http://")?;
 
-    // 2. The server.
-    let mut server_cmd = Command::new(&bin);
-    server_cmd
-        .args(["--listen", "127.0.0.1:0", "--backend"])
-        .arg(format!("http://{}", sim.addr))
-        .arg("--poll-interval-ms")
-        .arg(opts.poll_interval_ms.to_string())
-        .args(&opts.server_args)
-        .current_dir(&root);
-    let mut server = ChildProc::start("server", server_cmd, "taskwire listening on http://")?;
+    // 2. Redis, for the Redis engines.
+    let redis = match opts.engine.as_str() {
+        "memory" => None,
+        _ => Some(RedisProc::start()?),
+    };
+
+    // 3. The server (and, split, its worker).
+    let taskwire = |role: &str| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--backend"])
+            .arg(format!("http://{}", sim.addr))
+            .arg("--poll-interval-ms")
+            .arg(opts.poll_interval_ms.to_string());
+        if let Some(r) = &redis {
+            cmd.args(["--redis", &r.url(), "--role", role]);
+        }
+        cmd.args(&opts.server_args).current_dir(&root);
+        cmd
+    };
+    let split = opts.engine == "redis-split";
+    let mut server = ChildProc::start(
+        "server",
+        taskwire(if split { "web" } else { "all" }),
+        "taskwire listening on http://",
+    )?;
+    let mut worker = if split {
+        Some(ChildProc::start(
+            "worker",
+            taskwire("worker"),
+            "taskwire listening on http://",
+        )?)
+    } else {
+        None
+    };
     eprintln!(
         "loadgen: simulator {} (pid {}), server {} (pid {}); {}",
         sim.addr,
@@ -672,10 +764,13 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         opts.scenario()
     );
 
-    let sampler = Sampler::start([
+    let pid_of = |p: Option<u32>| p.map_or_else(String::new, |p| p.to_string());
+    let sampler = Sampler::start(vec![
         server.pid().to_string(),
         sim.pid().to_string(),
         "self".to_string(),
+        pid_of(worker.as_ref().map(|w| w.pid())),
+        pid_of(redis.as_ref().map(|r| r.child.id())),
     ]);
 
     // 3. The clients: connect all, then start tasks on one common clock.
@@ -773,6 +868,9 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         cpu(&sim.pid().to_string()),
         cpu("self"),
     );
+    let worker_alive = worker.as_mut().map(|w| w.alive());
+    let worker_cpu = worker.as_ref().map(|w| cpu(&w.pid().to_string()));
+    let redis_cpu = redis.as_ref().map(|r| cpu(&r.child.id().to_string()));
     let machine_end = machine_ticks();
     let peaks = sampler.finish();
     let wall_s = started.elapsed().as_secs_f64();
@@ -782,6 +880,8 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         server.log.first.lock().unwrap().clone(),
     );
     drop(server);
+    drop(worker);
+    drop(redis);
     drop(sim);
 
     // 6. The report.
@@ -840,6 +940,9 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         }
     };
     let (server_s, sim_s, self_s) = (secs(server_cpu), secs(sim_cpu), secs(self_cpu));
+    let worker_s = worker_cpu.map(secs);
+    let redis_s = redis_cpu.map(secs);
+    let taskwire_s = server_s + worker_s.unwrap_or(0.0);
     let machine = match (machine_start, machine_end) {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
             Some(((b1 - b0) as f64 / tck, (b1 - b0) as f64 / (t1 - t0) as f64))
@@ -912,6 +1015,23 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             "log_errors": server_log.1,
             "log_first": server_log.2,
         },
+        "engine": opts.engine,
+        "worker": worker_s.map(|w| json!({
+            "peak_rss_mb": mb(peaks[3]),
+            "cpu_s": round(w, 2),
+            "cpu_us_per_poll": per_poll_us(w),
+            "alive_at_end": worker_alive,
+        })),
+        "redis": redis_s.map(|r| json!({
+            "peak_rss_mb": mb(peaks[4]),
+            "cpu_s": round(r, 2),
+            "cpu_us_per_poll": per_poll_us(r),
+        })),
+        "taskwire_total": {
+            "peak_rss_mb": mb(peaks[0] + peaks[3]),
+            "cpu_s": round(taskwire_s, 2),
+            "cpu_us_per_poll": per_poll_us(taskwire_s),
+        },
         "sim": {
             "peak_rss_mb": mb(peaks[1]),
             "cpu_s": round(sim_s, 2),
@@ -926,7 +1046,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         "machine": {
             "busy_cpu_s": machine.map(|m| round(m.0, 2)),
             "busy_fraction": machine.map(|m| round(m.1, 3)),
-            "other_cpu_s": machine.map(|m| round((m.0 - server_s - sim_s - self_s).max(0.0), 2)),
+            "other_cpu_s": machine.map(|m| round((m.0 - server_s - sim_s - self_s - worker_s.unwrap_or(0.0) - redis_s.unwrap_or(0.0)).max(0.0), 2)),
         },
         "run_s": round(run_s, 2),
         "wall_s": round(wall_s, 2),
@@ -1006,7 +1126,27 @@ fn print_table(r: &serde_json::Value) {
                 s(&r["updates_per_s"])
             ),
         ),
+        ("engine", s(&r["engine"])),
         ("server peak RSS MB", s(&r["server"]["peak_rss_mb"])),
+        (
+            "worker / redis-server CPU s (peak RSS MB)",
+            format!(
+                "{} ({}) / {} ({})",
+                s(&r["worker"]["cpu_s"]),
+                s(&r["worker"]["peak_rss_mb"]),
+                s(&r["redis"]["cpu_s"]),
+                s(&r["redis"]["peak_rss_mb"])
+            ),
+        ),
+        (
+            "taskwire total CPU s / µs per poll / RSS MB",
+            format!(
+                "{} / {} / {}",
+                s(&r["taskwire_total"]["cpu_s"]),
+                s(&r["taskwire_total"]["cpu_us_per_poll"]),
+                s(&r["taskwire_total"]["peak_rss_mb"])
+            ),
+        ),
         (
             "server CPU s (user + sys)",
             format!(
