@@ -30,22 +30,20 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(config: server::config::Config) -> Result<(), Box<dyn std::error::Error>> {
     let app = Application::build(config).await?;
+    // Before the address goes out: a signal from then on shuts down cleanly.
+    let stop = server::shutdown_signal();
     tracing::info!("taskwire listening on http://{}", app.addr());
-    app.run_until_stopped().await?;
+    app.run_until(stop).await?;
     Ok(())
 }
 
 async fn run_sim(listen: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let stop = server::shutdown_signal();
     tracing::info!(
         "task-service simulator listening on http://{}",
         listener.local_addr()?
     );
-    sim::http::serve(
-        listener,
-        Arc::new(sim::Simulator::new()),
-        server::shutdown_signal(),
-    )
-    .await?;
+    sim::http::serve(listener, Arc::new(sim::Simulator::new()), stop).await?;
     Ok(())
 }
