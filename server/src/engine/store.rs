@@ -204,14 +204,23 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     // KEYS: due. ARGV: now, max, lease until. Moves each due entry to the
     // end of its lease, so no other worker takes it; the worker's save sets
     // the real next due time, and a dead worker's claims come due again.
-    // Returns [id, due]* and then the earliest due time left ('' if none).
+    // Returns, per claim, [id, due, task, seq, session, backend, track]
+    // (the task's fields false when it is gone), then the earliest due time
+    // left ('' if none): one round trip claims and reads.
     Script::new(
         r"
 local got = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-for i = 1, #got, 2 do redis.call('ZADD', KEYS[1], ARGV[3], got[i]) end
+local out = {}
+for i = 1, #got, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[3], got[i])
+  local v = redis.call('HMGET', 'tw:task:' .. got[i], 'task', 'seq', 'session', 'backend', 'track')
+  out[#out + 1] = got[i]
+  out[#out + 1] = got[i + 1]
+  for j = 1, 5 do out[#out + 1] = v[j] or '' end
+end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-got[#got + 1] = first[2] or ''
-return got",
+out[#out + 1] = first[2] or ''
+return out",
     )
 });
 
@@ -359,34 +368,13 @@ impl Store {
 
     pub async fn load(&self, task_id: &str) -> Result<Option<Stored>, StoreError> {
         let mut c = self.conn.clone();
-        type Row = (
-            Option<String>,
-            Option<u64>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
-        let (task, seq, session, backend, track): Row = redis::cmd("HMGET")
+        let row: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(task_key(task_id))
             .arg(&["task", "seq", "session", "backend", "track"])
             .query_async(&mut c)
             .await?;
-        let (Some(task), Some(seq), Some(session), Some(backend_id)) =
-            (task, seq, session, backend)
-        else {
-            return Ok(None);
-        };
-        let mut task: Task = from_json(&task)?;
-        task.seq = seq;
-        let track = match track.as_deref() {
-            None | Some("") => Track::default(),
-            Some(t) => from_json(t)?,
-        };
-        Ok(Some(Stored {
-            tracked: Tracked { task, track },
-            session,
-            backend_id,
-        }))
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        stored_from([field(0), field(1), field(2), field(3), field(4)])
     }
 
     /// Saves `stored` (its task already committed with the next `seq` when
@@ -460,8 +448,7 @@ impl Store {
     }
 
     /// Claims up to `max` polls due by `now_ms`, each leased until
-    /// `lease_until_ms`. Returns `(task id, due ms)` of each, and when the
-    /// earliest poll left is due.
+    /// `lease_until_ms`, and reads their tasks in the same round trip.
     pub async fn claim(
         &self,
         now_ms: u64,
@@ -469,19 +456,40 @@ impl Store {
         lease_until_ms: u64,
     ) -> Result<Claimed, StoreError> {
         let mut c = self.conn.clone();
-        let flat: Vec<String> = CLAIM
+        let mut flat: Vec<String> = CLAIM
             .key(DUE)
             .arg(now_ms)
             .arg(max)
             .arg(lease_until_ms)
             .invoke_async(&mut c)
             .await?;
-        let next_due = flat.last().and_then(|s| parse_score(s));
-        let pairs = flat.len().saturating_sub(1) / 2 * 2;
-        let due = flat[..pairs]
-            .chunks_exact(2)
-            .map(|p| (p[0].clone(), parse_score(&p[1]).unwrap_or(0)))
-            .collect();
+        let next_due = flat.pop().and_then(|s| parse_score(&s));
+        let mut due = Vec::with_capacity(flat.len() / 7);
+        let mut it = flat.into_iter();
+        while let (
+            Some(id),
+            Some(score),
+            Some(task),
+            Some(seq),
+            Some(session),
+            Some(backend),
+            Some(track),
+        ) = (
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+        ) {
+            let stored = stored_from([task, seq, session, backend, track]);
+            due.push(Claim {
+                id,
+                due_ms: parse_score(&score).unwrap_or(0),
+                stored,
+            });
+        }
         Ok(Claimed { due, next_due })
     }
 
@@ -531,12 +539,44 @@ impl Store {
 }
 
 /// What [`Store::claim`] got.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Claimed {
-    /// `(task id, due ms)` of each poll claimed.
-    pub due: Vec<(String, u64)>,
+    pub due: Vec<Claim>,
     /// When the earliest poll left in the queue is due (Unix ms).
     pub next_due: Option<u64>,
+}
+
+/// One claimed poll.
+#[derive(Debug)]
+pub struct Claim {
+    pub id: String,
+    /// When the poll was due (Unix ms).
+    pub due_ms: u64,
+    /// The task as the claim read it (`None`: it is gone).
+    pub stored: Result<Option<Stored>, StoreError>,
+}
+
+/// A task from its hash fields `task`, `seq`, `session`, `backend`,
+/// `track` (empty when missing).
+fn stored_from(fields: [String; 5]) -> Result<Option<Stored>, StoreError> {
+    let [task, seq, session, backend_id, track] = fields;
+    if task.is_empty() || session.is_empty() {
+        return Ok(None);
+    }
+    let mut task: Task = from_json(&task)?;
+    task.seq = seq
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("seq `{seq}`")))?;
+    let track = if track.is_empty() {
+        Track::default()
+    } else {
+        from_json(&track)?
+    };
+    Ok(Some(Stored {
+        tracked: Tracked { task, track },
+        session,
+        backend_id,
+    }))
 }
 
 fn parse_score(s: &str) -> Option<u64> {

@@ -11,7 +11,7 @@
 //! task wakes it (`tw:wake`), or a poll of its own finishes while its pool
 //! was full.
 
-use super::store::{Claimed, NextDue, Saved, Store, StoreError, WAKE};
+use super::store::{Claim, Claimed, NextDue, Saved, Store, StoreError, WAKE};
 use super::{commit, CAS_TRIES};
 use crate::backend::Backend;
 use crate::clock::Clock;
@@ -89,8 +89,15 @@ impl Worker {
         });
         let mut in_flight: JoinSet<()> = JoinSet::new();
         let mut retry = RETRY_MIN;
+        let mut depth_read = Instant::now();
         loop {
             while in_flight.try_join_next().is_some() {}
+            if depth_read.elapsed() >= m::UPKEEP_INTERVAL {
+                depth_read = Instant::now();
+                if let Ok(depth) = self.store.queue_len().await {
+                    metrics::gauge!(m::REDIS_QUEUE_DEPTH).set(depth as f64);
+                }
+            }
             let free = max_in_flight.saturating_sub(in_flight.len());
             let mut sleep = MAX_SLEEP;
             if free > 0 {
@@ -100,13 +107,14 @@ impl Worker {
                     Ok(Claimed { due, next_due }) => {
                         retry = RETRY_MIN;
                         let full = due.len() == batch;
-                        for (id, due_ms) in due {
+                        for claim in due {
+                            let Claim { ref id, due_ms, .. } = claim;
                             if let Some(bucket) = &mut bucket {
                                 let at = started.elapsed().as_secs_f64() * 1000.0;
                                 if let Err(wait) = bucket.take(at) {
                                     self.stats.deferred.fetch_add(1, Ordering::Relaxed);
                                     let later = now + wait.as_millis() as u64;
-                                    if let Err(e) = self.store.defer(&id, later).await {
+                                    if let Err(e) = self.store.defer(id, later).await {
                                         redis_error("defer", &e);
                                     }
                                     continue;
@@ -117,7 +125,7 @@ impl Worker {
                             self.stats.lateness.record(lateness);
                             self.stats.lateness_seconds.record(lateness.as_secs_f64());
                             let jitter = next_jitter(&mut rng);
-                            in_flight.spawn(poll(ctx.clone(), id, due_ms, jitter));
+                            in_flight.spawn(poll(ctx.clone(), claim, jitter));
                         }
                         if full {
                             continue;
@@ -152,9 +160,10 @@ impl Worker {
 /// One claimed poll: read the task, ask the task service, save the outcome
 /// (retrying when a `cancel` changed the task meanwhile). A failure to
 /// reach Redis leaves the claim to run out; the task comes due again then.
-async fn poll(ctx: Arc<Ctx>, id: String, due_ms: u64, jitter: f64) {
+async fn poll(ctx: Arc<Ctx>, claim: Claim, jitter: f64) {
     let policy = &ctx.policy;
-    let mut stored = match ctx.store.load(&id).await {
+    let Claim { id, due_ms, stored } = claim;
+    let mut stored = match stored {
         Ok(Some(stored)) => stored,
         Ok(None) => return drop_gone(&ctx, &id).await,
         Err(e) => return redis_error("load", &e),
