@@ -110,14 +110,19 @@ impl Drop for Proc {
 const INTERVAL_MS: u64 = 200;
 
 fn taskwire(role: &str, redis: &RedisServer, sim: &SimProcess) -> Proc {
+    taskwire_with(role, redis, sim, &[])
+}
+
+fn taskwire_with(role: &str, redis: &RedisServer, sim: &SimProcess, extra: &[&str]) -> Proc {
     let interval = INTERVAL_MS.to_string();
-    let (child, addr) = spawn_taskwire(&[
+    let url = redis.url();
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--role",
         role,
         "--redis",
-        &redis.url(),
+        &url,
         "--backend",
         &sim.url,
         "--poll-mode",
@@ -128,7 +133,9 @@ fn taskwire(role: &str, redis: &RedisServer, sim: &SimProcess) -> Proc {
         "1000",
         "--max-starts-per-min",
         "1000",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (child, addr) = spawn_taskwire(&args);
     Proc { child, addr }
 }
 
@@ -329,6 +336,29 @@ async fn one_process_with_redis_behaves_like_memory() {
         .await;
     let seen = a.until_final(&long.id).await;
     assert_eq!(seen.last().unwrap().state, TaskState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_limits_hold_across_web_processes() {
+    let redis = RedisServer::start();
+    let sim = SimProcess::start();
+    let limit = ["--max-live-tasks-per-session", "2"];
+    let web_a = taskwire_with("web", &redis, &sim, &limit);
+    let web_b = taskwire_with("web", &redis, &sim, &limit);
+    let _worker = taskwire("worker", &redis, &sim);
+    let mut a = Client::connect(web_a.addr, None).await;
+    let mut b = Client::connect(web_b.addr, Some(&a.session)).await;
+    a.start("one", json!({"duration_ms": 30_000, "steps": 10})).await;
+    b.start("two", json!({"duration_ms": 30_000, "steps": 10})).await;
+    // The third live task of the session is refused, whichever process
+    // it goes through.
+    for c in [&mut a, &mut b] {
+        c.send(json!({"type":"start","ref":"three","kind":"simulate",
+                      "params":{"duration_ms": 1000, "steps": 1}}))
+            .await;
+        let (reference, code) = c.error().await;
+        assert_eq!((reference.as_deref(), code.as_str()), (Some("three"), "too_many_tasks"));
+    }
 }
 
 #[test]
