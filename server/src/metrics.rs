@@ -25,6 +25,8 @@ pub const MESSAGES_SENT: &str = "taskwire_messages_sent_total";
 pub const UPDATES_COALESCED: &str = "taskwire_updates_coalesced_total";
 /// Redis engine: entries in the shared delay queue (`tw:due`), as a worker saw it.
 pub const REDIS_QUEUE_DEPTH: &str = "taskwire_redis_queue_depth";
+/// Redis engine: events whose `seq` skipped one (a message was lost).
+pub const REDIS_SEQ_GAPS: &str = "taskwire_redis_seq_gaps_total";
 /// Redis engine: the listener read every mirrored session again.
 pub const REDIS_RESYNCS: &str = "taskwire_redis_resyncs_total";
 /// Redis engine: calls to Redis that failed, by operation.

@@ -348,8 +348,10 @@ async fn session_limits_hold_across_web_processes() {
     let _worker = taskwire("worker", &redis, &sim);
     let mut a = Client::connect(web_a.addr, None).await;
     let mut b = Client::connect(web_b.addr, Some(&a.session)).await;
-    a.start("one", json!({"duration_ms": 30_000, "steps": 10})).await;
-    b.start("two", json!({"duration_ms": 30_000, "steps": 10})).await;
+    a.start("one", json!({"duration_ms": 30_000, "steps": 10}))
+        .await;
+    b.start("two", json!({"duration_ms": 30_000, "steps": 10}))
+        .await;
     // The third live task of the session is refused, whichever process
     // it goes through.
     for c in [&mut a, &mut b] {
@@ -357,7 +359,10 @@ async fn session_limits_hold_across_web_processes() {
                       "params":{"duration_ms": 1000, "steps": 1}}))
             .await;
         let (reference, code) = c.error().await;
-        assert_eq!((reference.as_deref(), code.as_str()), (Some("three"), "too_many_tasks"));
+        assert_eq!(
+            (reference.as_deref(), code.as_str()),
+            (Some("three"), "too_many_tasks")
+        );
     }
 }
 

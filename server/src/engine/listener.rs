@@ -4,10 +4,10 @@
 //!
 //! Pub/sub is at-most-once: what is published while the subscription is
 //! down is lost. Events carry a task's whole state, so a missed message is
-//! made good by any later one (a `seq` gap loses nothing); the one thing a
-//! gap cannot make good is a missed *last* message, so after every
-//! (re)subscription the listener reads every mirrored session again from
-//! Redis. Redis drops a subscriber only by closing its connection (e.g. its
+//! made good by any later one; on a `seq` gap the listener also reads the
+//! task from Redis. What no later message can make good is a missed *last*
+//! message, so after every (re)subscription the listener reads every
+//! mirrored session again from Redis. Redis drops a subscriber only by closing its connection (e.g. its
 //! output buffer limit), which this loop sees and answers the same way.
 
 use super::store::{Event, Store, StoreError, EVENTS};
@@ -107,7 +107,30 @@ impl Listener {
             self.hub.forget_remote(&event.s, id);
         }
         if let Some(task) = event.t {
+            let gap = self
+                .hub
+                .seq_of(&task.id)
+                .is_some_and(|seq| task.seq > seq + 1);
+            let id = task.id.clone();
             self.apply(&event.s, event.b.as_deref(), task).await;
+            if gap {
+                // A message was lost. This event carries the whole state,
+                // so nothing is missing once it is applied; Redis is read
+                // all the same, in case more was lost after it.
+                metrics::counter!(m::REDIS_SEQ_GAPS).increment(1);
+                match self.store.load(&id).await {
+                    Ok(Some(stored)) => {
+                        self.apply(
+                            &stored.session,
+                            Some(&stored.backend_id),
+                            stored.tracked.task,
+                        )
+                        .await
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading a task after a seq gap failed"),
+                }
+            }
         }
     }
 

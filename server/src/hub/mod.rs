@@ -405,6 +405,11 @@ impl Hub {
         true
     }
 
+    /// The `seq` this hub holds for a task, if it holds the task.
+    pub fn seq_of(&self, task_id: &str) -> Option<u64> {
+        self.lock().tasks.get(task_id).map(|t| t.tr.task.seq)
+    }
+
     /// Mirror mode: a task was forgotten (on this or another process).
     pub fn forget_remote(&self, session: &str, task_id: &str) {
         let mut guard = self.lock();
@@ -659,5 +664,74 @@ fn publish(t: &mut TaskEntry) {
     t.frame = task_frame(&t.tr.task);
     for (_, outbox) in &t.subscribers {
         outbox.push_update(&t.id, t.tr.task.seq, t.frame.clone());
+    }
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::*;
+
+    fn task(id: &str, seq: u64, state: TaskState) -> Task {
+        Task {
+            id: id.into(),
+            kind: "simulate".into(),
+            state,
+            done: seq,
+            total: Some(10),
+            message: None,
+            result: None,
+            error: None,
+            seq,
+            created_ms: 1,
+            updated_ms: 1,
+            params: None,
+        }
+    }
+
+    fn frames(conn: &Conn) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Next::Frame(f) = conn.outbox.pop() {
+            out.push(f.to_string());
+        }
+        out
+    }
+
+    #[test]
+    fn a_mirror_keeps_only_held_sessions_and_newer_states() {
+        let hub = Hub::mirror(Clock::new());
+        let s: Arc<str> = "a".repeat(32).into();
+        // Not held: ignored.
+        assert!(!hub.apply_remote(&s, Some("b1"), task("t1", 1, TaskState::Running)));
+        hub.hold(&s);
+        assert!(hub.apply_remote(&s, Some("b1"), task("t1", 2, TaskState::Running)));
+        let conn = hub.connect(s.clone());
+        hub.unhold(&s);
+        assert!(frames(&conn)[0].contains("\"welcome\""));
+        // Older or equal: ignored; newer: fanned out.
+        assert!(!hub.apply_remote(&s, None, task("t1", 2, TaskState::Running)));
+        assert!(!hub.apply_remote(&s, None, task("t1", 1, TaskState::Running)));
+        assert!(hub.apply_remote(&s, None, task("t1", 4, TaskState::Succeeded)));
+        let sent = frames(&conn);
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].contains("\"seq\":4"));
+        assert_eq!(hub.seq_of("t1"), Some(4));
+        // The last connection gone: the session and its tasks are let go.
+        assert_eq!(hub.disconnect(&conn), None);
+        assert_eq!(hub.counts().sessions, 0);
+        assert_eq!(hub.counts().tasks, 0);
+    }
+
+    #[test]
+    fn forget_remote_drops_only_the_owner_s_task() {
+        let hub = Hub::mirror(Clock::new());
+        let s: Arc<str> = "b".repeat(32).into();
+        hub.hold(&s);
+        hub.apply_remote(&s, Some("b1"), task("t1", 3, TaskState::Succeeded));
+        hub.forget_remote(&"c".repeat(32), "t1");
+        assert_eq!(hub.seq_of("t1"), Some(3));
+        hub.forget_remote(&s, "t1");
+        assert_eq!(hub.seq_of("t1"), None);
+        hub.unhold(&s);
+        assert_eq!(hub.counts().sessions, 0);
     }
 }
