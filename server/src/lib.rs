@@ -145,42 +145,34 @@ impl Application {
             Scheduler::new(hub.clone(), backend.clone(), policy.clone(), limits.clone());
         let policy = Arc::new(policy);
         let retention = Duration::from_secs(config.retention_s);
-        let (engine, worker, listener) = match &store {
-            None => (
-                Engine::memory(hub.clone(), handle.clone(), policy.clone(), clock),
-                None,
-                None,
-            ),
-            Some(store) => {
-                let worker = config.role.polls().then(|| Worker {
-                    store: store.clone(),
-                    backend: backend.clone(),
-                    policy: policy.clone(),
-                    limits,
-                    clock,
-                    stats: handle.shared_stats(),
-                    backend_timeout: Duration::from_millis(config.backend_timeout_ms),
-                });
-                let listener = config.role.serves_clients().then(|| Listener {
-                    store: store.clone(),
-                    hub: hub.clone(),
-                    scheduler: handle.clone(),
-                    retention,
-                    ready: watch::channel(false).0,
-                });
-                (
-                    Engine::redis(
-                        hub.clone(),
-                        handle.clone(),
-                        policy.clone(),
-                        clock,
-                        store.clone(),
-                    ),
-                    worker,
-                    listener,
-                )
-            }
-        };
+        let engine = Engine::new(
+            hub.clone(),
+            handle.clone(),
+            policy.clone(),
+            clock,
+            store.clone(),
+        );
+        let worker = store
+            .as_ref()
+            .filter(|_| config.role.polls())
+            .map(|store| Worker {
+                store: store.clone(),
+                backend: backend.clone(),
+                policy: policy.clone(),
+                limits,
+                clock,
+                stats: handle.shared_stats(),
+                backend_timeout: Duration::from_millis(config.backend_timeout_ms),
+            });
+        let listener = store
+            .as_ref()
+            .filter(|_| config.role.serves_clients())
+            .map(|store| Listener {
+                store: store.clone(),
+                hub: hub.clone(),
+                scheduler: handle.clone(),
+                retention,
+            });
 
         let tcp =
             TcpListener::bind(config.listen)

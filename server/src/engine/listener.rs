@@ -28,8 +28,6 @@ pub struct Listener {
     /// Expires finished tasks from the mirror after the retention.
     pub scheduler: SchedulerHandle,
     pub retention: Duration,
-    /// Set once the first subscription is up (start-up waits for it).
-    pub ready: watch::Sender<bool>,
 }
 
 impl Listener {
@@ -44,7 +42,6 @@ impl Listener {
                     }
                     Ok(()) => {
                         retry = RETRY_MIN;
-                        let _ = self.ready.send(true);
                         let mut messages = pubsub.on_message();
                         loop {
                             tokio::select! {

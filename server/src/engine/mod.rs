@@ -45,35 +45,21 @@ pub struct StartTicket {
 }
 
 impl Engine {
-    pub fn memory(
+    /// The memory engine when `store` is `None`; else the Redis engine's
+    /// web side, and `hub` must be a [`Hub::mirror`].
+    pub fn new(
         hub: Hub,
         scheduler: SchedulerHandle,
         policy: Arc<PollPolicy>,
         clock: Clock,
+        store: Option<Store>,
     ) -> Self {
         Engine {
             hub,
             scheduler,
             policy,
             clock,
-            store: None,
-        }
-    }
-
-    /// The Redis engine's web side; `hub` must be a [`Hub::mirror`].
-    pub fn redis(
-        hub: Hub,
-        scheduler: SchedulerHandle,
-        policy: Arc<PollPolicy>,
-        clock: Clock,
-        store: Store,
-    ) -> Self {
-        Engine {
-            hub,
-            scheduler,
-            policy,
-            clock,
-            store: Some(store),
+            store,
         }
     }
 
