@@ -34,7 +34,7 @@ impl Listener {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut retry = RETRY_MIN;
         loop {
-            match self.subscribe().await {
+            match self.store.subscribe(EVENTS).await {
                 Ok(mut pubsub) => match self.resync().await {
                     Err(e) => {
                         // Resubscribe and read again: a final state must not be missed.
@@ -63,22 +63,6 @@ impl Listener {
             }
             retry = (retry * 2).min(RETRY_MAX);
         }
-    }
-
-    async fn subscribe(&self) -> Result<redis::aio::PubSub, redis::RedisError> {
-        let connect = async {
-            let mut pubsub = self.store.client().get_async_pubsub().await?;
-            pubsub.subscribe(EVENTS).await?;
-            Ok(pubsub)
-        };
-        tokio::time::timeout(Duration::from_secs(2), connect)
-            .await
-            .unwrap_or_else(|_| {
-                Err(redis::RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "subscribing timed out",
-                )))
-            })
     }
 
     /// Reads every mirrored session again (after a subscription began).

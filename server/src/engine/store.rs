@@ -245,8 +245,20 @@ impl Store {
         Ok(Store { conn, client })
     }
 
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// A new pub/sub connection subscribed to `channel` (within 2 s).
+    pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok(pubsub)
+        };
+        tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Redis(redis::RedisError::from(
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "subscribing timed out"),
+                )))
+            })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -491,19 +503,6 @@ impl Store {
             });
         }
         Ok(Claimed { due, next_due })
-    }
-
-    /// When the earliest poll is due (Unix ms), if any is queued.
-    pub async fn next_due(&self) -> Result<Option<u64>, StoreError> {
-        let mut c = self.conn.clone();
-        let first: Vec<String> = redis::cmd("ZRANGE")
-            .arg(DUE)
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES")
-            .query_async(&mut c)
-            .await?;
-        Ok(first.get(1).and_then(|s| parse_score(s)))
     }
 
     /// Puts a claimed poll back, due at `due_ms` (a rate cap deferred it).

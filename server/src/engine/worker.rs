@@ -235,13 +235,8 @@ fn redis_error(op: &'static str, e: &StoreError) {
 async fn wake_on_new_tasks(store: Store, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
     let mut retry = RETRY_MIN;
     loop {
-        let subscribed = async {
-            let mut pubsub = store.client().get_async_pubsub().await?;
-            pubsub.subscribe(WAKE).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
-            Ok(Ok(mut pubsub)) => {
+        match store.subscribe(WAKE).await {
+            Ok(mut pubsub) => {
                 retry = RETRY_MIN;
                 // Whatever was created while unsubscribed is due now.
                 wake.notify_one();
@@ -256,8 +251,7 @@ async fn wake_on_new_tasks(store: Store, wake: Arc<Notify>, mut shutdown: watch:
                     }
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe to {WAKE}"),
-            Err(_) => tracing::debug!("subscribing to {WAKE} timed out"),
+            Err(e) => tracing::debug!(error = %e, "cannot subscribe to {WAKE}"),
         }
         tokio::select! {
             _ = shutdown.changed() => return,

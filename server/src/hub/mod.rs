@@ -143,10 +143,6 @@ impl Hub {
         }
     }
 
-    pub fn is_mirror(&self) -> bool {
-        self.inner.mirror
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
