@@ -10,7 +10,7 @@
 //! mirrored session again from Redis. Redis drops a subscriber only by closing its connection (e.g. its
 //! output buffer limit), which this loop sees and answers the same way.
 
-use super::store::{Event, Store, StoreError, EVENTS};
+use super::store::{Event, Store, StoreError, EVENTS, RETRY_MAX, RETRY_MIN};
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::scheduler::SchedulerHandle;
@@ -18,9 +18,6 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub struct Listener {
     pub store: Store,

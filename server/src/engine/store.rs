@@ -30,6 +30,10 @@ pub const EVENTS: &str = "tw:events";
 pub const WAKE: &str = "tw:wake";
 pub const DUE: &str = "tw:due";
 
+/// Backoff of a process's retries while Redis is unreachable.
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// How long a session lives after its last use (page, connection, start).
 pub const SESSION_TTL_S: u64 = 7 * 24 * 3600;
 /// A start still pending after this long is taken for dead (its web

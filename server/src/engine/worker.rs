@@ -11,14 +11,14 @@
 //! task wakes it (`tw:wake`), or a poll of its own finishes while its pool
 //! was full.
 
-use super::store::{Claim, Claimed, NextDue, Saved, Store, StoreError, WAKE};
+use super::store::{Claim, Claimed, NextDue, Saved, Store, StoreError, RETRY_MAX, RETRY_MIN, WAKE};
 use super::{commit, CAS_TRIES};
 use crate::backend::Backend;
 use crate::clock::Clock;
 use crate::metrics as m;
 use crate::rate::TokenBucket;
 use crate::scheduler::policy::{Decision, PollPolicy};
-use crate::scheduler::{Limits, SchedulerStats};
+use crate::scheduler::{seed, unit_jitter, Limits, SchedulerStats};
 use futures::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,8 +34,6 @@ pub const MAX_SLEEP: Duration = Duration::from_millis(500);
 const CLAIM_BATCH: usize = 256;
 /// Beyond the backend timeout, how long a claim stays the worker's.
 const LEASE_MARGIN_MS: u64 = 2_000;
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub struct Worker {
     pub store: Store,
@@ -46,15 +44,6 @@ pub struct Worker {
     pub stats: Arc<SchedulerStats>,
     /// The task service's request timeout: a poll never outlives its lease.
     pub backend_timeout: Duration,
-}
-
-/// What one poll needs, shared by the polls in flight.
-struct Ctx {
-    store: Store,
-    backend: Backend,
-    policy: Arc<PollPolicy>,
-    clock: Clock,
-    stats: Arc<SchedulerStats>,
 }
 
 impl Worker {
@@ -80,13 +69,8 @@ impl Worker {
         });
         let started = Instant::now();
         let mut rng = seed();
-        let ctx = Arc::new(Ctx {
-            store: self.store.clone(),
-            backend: self.backend.clone(),
-            policy: self.policy.clone(),
-            clock: self.clock,
-            stats: self.stats.clone(),
-        });
+        // The polls in flight share the worker.
+        let this = Arc::new(self);
         let mut in_flight: JoinSet<()> = JoinSet::new();
         let mut retry = RETRY_MIN;
         let mut depth_read = Instant::now();
@@ -94,16 +78,16 @@ impl Worker {
             while in_flight.try_join_next().is_some() {}
             if depth_read.elapsed() >= m::UPKEEP_INTERVAL {
                 depth_read = Instant::now();
-                if let Ok(depth) = self.store.queue_len().await {
+                if let Ok(depth) = this.store.queue_len().await {
                     metrics::gauge!(m::REDIS_QUEUE_DEPTH).set(depth as f64);
                 }
             }
             let free = max_in_flight.saturating_sub(in_flight.len());
             let mut sleep = MAX_SLEEP;
             if free > 0 {
-                let now = self.clock.now_ms();
+                let now = this.clock.now_ms();
                 let batch = free.min(CLAIM_BATCH);
-                match self.store.claim(now, batch, now + lease_ms).await {
+                match this.store.claim(now, batch, now + lease_ms).await {
                     Ok(Claimed { due, next_due }) => {
                         retry = RETRY_MIN;
                         let full = due.len() == batch;
@@ -112,26 +96,26 @@ impl Worker {
                             if let Some(bucket) = &mut bucket {
                                 let at = started.elapsed().as_secs_f64() * 1000.0;
                                 if let Err(wait) = bucket.take(at) {
-                                    self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                                    this.stats.deferred.fetch_add(1, Ordering::Relaxed);
                                     let later = now + wait.as_millis() as u64;
-                                    if let Err(e) = self.store.defer(id, later).await {
+                                    if let Err(e) = this.store.defer(id, later).await {
                                         redis_error("defer", &e);
                                     }
                                     continue;
                                 }
                             }
                             let lateness = Duration::from_millis(now.saturating_sub(due_ms));
-                            self.stats.polls.fetch_add(1, Ordering::Relaxed);
-                            self.stats.lateness.record(lateness);
-                            self.stats.lateness_seconds.record(lateness.as_secs_f64());
-                            let jitter = next_jitter(&mut rng);
-                            in_flight.spawn(poll(ctx.clone(), claim, jitter));
+                            this.stats.polls.fetch_add(1, Ordering::Relaxed);
+                            this.stats.lateness.record(lateness);
+                            this.stats.lateness_seconds.record(lateness.as_secs_f64());
+                            let jitter = unit_jitter(&mut rng);
+                            in_flight.spawn(poll(this.clone(), claim, jitter));
                         }
                         if full {
                             continue;
                         }
                         sleep = next_due.map_or(MAX_SLEEP, |due| {
-                            Duration::from_millis(due.saturating_sub(self.clock.now_ms()))
+                            Duration::from_millis(due.saturating_sub(this.clock.now_ms()))
                                 .min(MAX_SLEEP)
                         });
                     }
@@ -160,7 +144,7 @@ impl Worker {
 /// One claimed poll: read the task, ask the task service, save the outcome
 /// (retrying when a `cancel` changed the task meanwhile). A failure to
 /// reach Redis leaves the claim to run out; the task comes due again then.
-async fn poll(ctx: Arc<Ctx>, claim: Claim, jitter: f64) {
+async fn poll(ctx: Arc<Worker>, claim: Claim, jitter: f64) {
     let policy = &ctx.policy;
     let Claim { id, due_ms, stored } = claim;
     let mut stored = match stored {
@@ -219,7 +203,7 @@ async fn poll(ctx: Arc<Ctx>, claim: Claim, jitter: f64) {
 }
 
 /// A queued id whose task is gone (forgotten, or expired): out of the queue.
-async fn drop_gone(ctx: &Ctx, id: &str) {
+async fn drop_gone(ctx: &Worker, id: &str) {
     if let Err(e) = ctx.store.remove_due(id).await {
         redis_error("remove", &e);
     }
@@ -259,18 +243,4 @@ async fn wake_on_new_tasks(store: Store, wake: Arc<Notify>, mut shutdown: watch:
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
-}
-
-fn seed() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    u64::from_le_bytes(b) | 1
-}
-
-/// Uniform in [0, 1) (xorshift64).
-fn next_jitter(rng: &mut u64) -> f64 {
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    (*rng >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -300,10 +300,7 @@ impl Scheduler {
 
     /// Uniform in [0, 1).
     fn jitter(&mut self) -> f64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+        unit_jitter(&mut self.rng)
     }
 
     fn after_poll(&mut self, task: Arc<str>, decision: Decision, due: Option<Instant>) {
@@ -374,8 +371,18 @@ async fn poll_once(
     }
 }
 
-fn seed() -> u64 {
+/// A seed for [`unit_jitter`] (never 0).
+pub(crate) fn seed() -> u64 {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
     u64::from_le_bytes(b) | 1
+}
+
+/// Uniform in [0, 1), for cadence jitter (xorshift64: no need for a
+/// crypto RNG).
+pub(crate) fn unit_jitter(rng: &mut u64) -> f64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    (*rng >> 11) as f64 / (1u64 << 53) as f64
 }
