@@ -1,6 +1,6 @@
-//! Scheduler micro-benchmark: the delay queue alone, then the whole poll
-//! engine in-process (scheduler + hub + embedded simulator + one fast
-//! client), on a current-thread runtime so CPU time is ours alone.
+//! Scheduler micro-benchmark: the delay queue alone, then the whole memory
+//! engine in-process (delay queue + pipeline + table + fanout + embedded
+//! simulator + one fast client), on a current-thread runtime so CPU time is ours alone.
 //!
 //!   cargo bench -p server --bench scheduler [-- --timers N --tasks N]
 //!
@@ -11,11 +11,14 @@
 use futures::StreamExt;
 use server::backend::Backend;
 use server::clock::Clock;
-use server::hub::{Hub, Next};
+use server::engine::fanout::{Fanout, Next};
+use server::engine::memory::MemoryEngine;
+use server::engine::pipeline::{Limits, PollCtx, PollStats};
+use server::engine::Engine;
 use server::metrics::MicrosHistogram;
-use server::scheduler::policy::PollPolicy;
-use server::scheduler::{Limits, Scheduler};
 use server::sim::Simulator;
+use server::task::new_task;
+use server::task::policy::PollPolicy;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::time::DelayQueue;
@@ -92,27 +95,32 @@ async fn delay_queue_alone(n: u64) {
 async fn poll_engine(tasks: u64) {
     let clock = Clock::new();
     let sim = Arc::new(Simulator::new());
-    let hub = Hub::new(clock);
-    let policy = PollPolicy {
+    let policy = Arc::new(PollPolicy {
         poll_interval_ms: 500,
         poll_min_ms: 100,
         adaptive: false,
         give_up_ms: 300_000,
         retention_ms: 600_000,
+    });
+    let backend = Backend::embedded(sim.clone(), clock);
+    let stats = Arc::new(PollStats::default());
+    let ctx = Arc::new(PollCtx {
+        backend: backend.clone(),
+        policy: policy.clone(),
+        clock,
+        stats: stats.clone(),
+    });
+    let limits = Limits {
+        max_in_flight: 512,
+        max_polls_per_s: 0,
     };
-    let (scheduler, handle) = Scheduler::new(
-        hub.clone(),
-        Backend::embedded(sim.clone(), clock),
-        policy,
-        Limits {
-            max_in_flight: 512,
-            max_polls_per_s: 0,
-        },
-    );
+    let fanout = Fanout::new(clock);
+    let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, Duration::from_secs(600));
+    let engine = Engine::memory(fanout.clone(), memory.clone(), backend, policy, clock);
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(scheduler.run(stop_rx));
-    let (session, _) = hub.resolve_session(None);
-    let conn = Arc::new(hub.connect(session));
+    tokio::spawn(queue.run(stop_rx));
+    let (session, _) = engine.resolve_session(None).await.unwrap();
+    let conn = Arc::new(engine.connect(session).await.unwrap());
     let reader = conn.clone();
     let frames = tokio::spawn(async move {
         let mut n = 0u64;
@@ -130,17 +138,17 @@ async fn poll_engine(tasks: u64) {
     let params = serde_json::json!({"duration_ms": 10_000, "steps": 100});
     for _ in 0..tasks {
         let bid = sim.start("simulate", &params, clock.now_ms()).unwrap();
-        let id = hub.create_task(&conn, "r".into(), "simulate", None, &bid);
-        handle.poll(id, Duration::ZERO).await;
+        let task = new_task("simulate", None, clock.now_ms());
+        memory.create(&conn.session, &task, &bid).await;
+        fanout.accepted(&conn, "r".into(), &task);
     }
-    while hub.counts().live_tasks > 0 && t0.elapsed() < Duration::from_secs(60) {
+    while engine.counts().live_tasks > 0 && t0.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let cpu = cpu_seconds() - cpu0;
     let wall = t0.elapsed().as_secs_f64();
-    let stats = handle.stats();
     let polls = stats.polls.load(std::sync::atomic::Ordering::Relaxed);
-    hub.disconnect(&conn);
+    engine.disconnect(&conn).await;
     let frames = frames.await.unwrap_or(0);
     println!(
         "poll engine in-process: {tasks} tasks × 10 s / 100 steps at 500 ms (fixed), one thread"

@@ -1,39 +1,40 @@
-//! taskwire's server: the page (Leptos SSR), the WebSocket hub, the poll
-//! scheduler and the task-service adapters, wired together by
-//! [`Application`].
+//! taskwire's server: the web side (page, WebSocket), the engine (memory
+//! or Redis: sessions, tasks, the delay queue, the fan-out), the
+//! task-service adapters and the simulator, wired together by
+//! [`Application`]. The engine is chosen here, once.
 
 pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod engine;
-pub mod hub;
 pub mod metrics;
 pub mod rate;
-pub mod scheduler;
-pub mod session;
 pub mod sim;
-pub mod ws;
+pub mod task;
+pub mod task_api;
+pub mod web;
 
-use app::{shell, App, InitialTasks};
 use axum::extract::FromRef;
-use axum::routing::get;
 use axum::Router;
 use backend::Backend;
 use clock::Clock;
 use config::{BackendChoice, Config, Role};
-use engine::listener::Listener;
-use engine::store::{Store, StoreError};
-use engine::worker::Worker;
+use engine::fanout::{CloseReason, Fanout};
+use engine::memory::queue::Queue;
+use engine::memory::MemoryEngine;
+use engine::pipeline::{Limits, PollCtx, PollStats};
+use engine::redis::listener::Listener;
+use engine::redis::store::{Store, StoreError};
+use engine::redis::worker::Worker;
+use engine::redis::RedisEngine;
 use engine::Engine;
-use hub::{CloseReason, Hub};
 use leptos::prelude::LeptosOptions;
-use leptos_axum::{generate_route_list, LeptosRoutes};
-use scheduler::policy::PollPolicy;
-use scheduler::{Limits, Scheduler, SchedulerHandle};
 use sim::Simulator;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use task::policy::PollPolicy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -45,12 +46,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct AppState {
     pub leptos_options: LeptosOptions,
     pub config: Arc<Config>,
-    pub hub: Hub,
-    /// Sessions and tasks: in memory, or in Redis (mirrored in `hub`).
+    /// Sessions, tasks and their fan-out: in memory, or in Redis.
     pub engine: Engine,
-    pub backend: Backend,
-    pub scheduler: SchedulerHandle,
-    pub policy: Arc<PollPolicy>,
+    /// The poll pipeline's counters (memory queue or Redis worker).
+    pub stats: Arc<PollStats>,
     /// The embedded simulator, when that is the backend.
     pub sim: Option<Arc<Simulator>>,
     /// One permit per open WebSocket (`--max-connections`).
@@ -83,7 +82,8 @@ pub struct Application {
     tcp: TcpListener,
     router: Router,
     state: AppState,
-    scheduler: Scheduler,
+    /// The memory engine's delay queue.
+    queue: Option<Queue>,
     /// The Redis engine's poller (roles `all` and `worker`).
     worker: Option<Worker>,
     /// The Redis engine's change feed (roles `all` and `web`).
@@ -123,56 +123,50 @@ impl Application {
                 None,
             ),
         };
-        let policy = PollPolicy {
+        let policy = Arc::new(PollPolicy {
             poll_interval_ms: config.poll_interval_ms,
             poll_min_ms: config.poll_min_ms,
             adaptive: config.poll_mode == config::PollMode::Adaptive,
             give_up_ms: config.backend_give_up_s.saturating_mul(1000),
             retention_ms: config.retention_s.saturating_mul(1000),
-        };
-        let hub = if store.is_some() {
-            Hub::mirror(clock)
-        } else {
-            Hub::new(clock)
-        };
+        });
         let limits = Limits {
             max_in_flight: config.max_concurrent_polls as usize,
             max_polls_per_s: config.max_polls_per_s,
         };
-        // With Redis, the local scheduler only expires the mirror's
-        // finished tasks and keeps the metrics; the workers poll.
-        let (scheduler, handle) =
-            Scheduler::new(hub.clone(), backend.clone(), policy.clone(), limits.clone());
-        let policy = Arc::new(policy);
-        let retention = Duration::from_secs(config.retention_s);
-        let engine = Engine::new(
-            hub.clone(),
-            handle.clone(),
-            policy.clone(),
+        // The recorder first: handles taken before it would go nowhere.
+        let _ = metrics::handle();
+        let stats = Arc::new(PollStats::default());
+        let ctx = Arc::new(PollCtx {
+            backend: backend.clone(),
+            policy: policy.clone(),
             clock,
-            store.clone(),
-        );
-        let worker = store
-            .as_ref()
-            .filter(|_| config.role.polls())
-            .map(|store| Worker {
-                store: store.clone(),
-                backend: backend.clone(),
-                policy: policy.clone(),
-                limits,
-                clock,
-                stats: handle.shared_stats(),
-                backend_timeout: Duration::from_millis(config.backend_timeout_ms),
-            });
-        let listener = store
-            .as_ref()
-            .filter(|_| config.role.serves_clients())
-            .map(|store| Listener {
-                store: store.clone(),
-                hub: hub.clone(),
-                scheduler: handle.clone(),
-                retention,
-            });
+            stats: stats.clone(),
+        });
+        let retention = Duration::from_secs(config.retention_s);
+        let fanout = Fanout::new(clock);
+        let (engine, queue, worker, listener) = match store {
+            None => {
+                let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, retention);
+                let engine = Engine::memory(fanout, memory, backend, policy, clock);
+                (engine, Some(queue), None, None)
+            }
+            Some(store) => {
+                let redis = RedisEngine::new(store.clone(), clock, config.retention_s);
+                let worker = config.role.polls().then(|| Worker {
+                    engine: redis.clone(),
+                    ctx,
+                    limits,
+                    backend_timeout: Duration::from_millis(config.backend_timeout_ms),
+                });
+                let listener = config
+                    .role
+                    .serves_clients()
+                    .then(|| Listener::new(store, fanout.clone(), retention));
+                let engine = Engine::redis(fanout, redis, backend, policy, clock);
+                (engine, None, worker, listener)
+            }
+        };
 
         let tcp =
             TcpListener::bind(config.listen)
@@ -202,24 +196,21 @@ impl Application {
         let state = AppState {
             leptos_options,
             config: Arc::new(config),
-            hub,
             engine,
-            backend,
-            scheduler: handle,
-            policy,
+            stats,
             sim,
             connections,
         };
         let router = if state.config.role.serves_clients() {
-            router(state.clone())
+            web::router(state.clone())
         } else {
-            worker_router(state.clone())
+            web::worker_router(state.clone())
         };
         Ok(Application {
             tcp,
             router,
             state,
-            scheduler,
+            queue,
             worker,
             listener,
             addr,
@@ -241,16 +232,17 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let scheduler = tokio::spawn(self.scheduler.run(stop_rx.clone()));
+        let queue = self.queue.map(|q| tokio::spawn(q.run(stop_rx.clone())));
+        tokio::spawn(upkeep(self.state.clone(), stop_rx.clone()));
         let worker = self.worker.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         if let Some(listener) = self.listener {
             tokio::spawn(listener.run(stop_rx.clone()));
         }
-        let hub = self.state.hub.clone();
+        let engine = self.state.engine.clone();
         let serve = axum::serve(self.tcp, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: closing connections");
-            hub.close_all(CloseReason::Restart);
+            engine.close_all(CloseReason::Restart);
             let _ = stop_tx.send(true);
         });
         let result = serve.await;
@@ -263,7 +255,9 @@ impl Application {
             .min(tokio::sync::Semaphore::MAX_PERMITS as u32);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             let _ = connections.acquire_many(every_permit).await;
-            let _ = scheduler.await;
+            if let Some(queue) = queue {
+                let _ = queue.await;
+            }
             if let Some(worker) = worker {
                 let _ = worker.await;
             }
@@ -277,38 +271,34 @@ impl Application {
     }
 }
 
-fn router(state: AppState) -> Router {
-    let routes = generate_route_list(App);
-    let options = state.leptos_options.clone();
-    // The page is rendered with the session's tasks already in it (read
-    // by the session middleware, which may wait on Redis).
-    let initial_tasks = move || {
-        let tasks = leptos::prelude::use_context::<axum::http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<InitialTasks>().cloned())
-            .unwrap_or_default();
-        leptos::prelude::provide_context(tasks);
-    };
-    Router::new()
-        .route("/ws", get(ws::handler))
-        .leptos_routes_with_context(&state, routes, initial_tasks, move || {
-            shell(options.clone())
-        })
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            session::middleware,
-        ))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics::render))
-        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
-        .with_state(state)
-}
-
-/// A worker serves no page and no WebSocket: only its health and metrics.
-fn worker_router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics::render))
-        .with_state(state)
+/// Copies the engine's sizes and the poll counters into the metrics
+/// registry every [`metrics::UPKEEP_INTERVAL`]. A sleep loop is right here:
+/// one per process, not a timer per task (polls come from the delay queue).
+async fn upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
+    use metrics as m;
+    if m::handle().is_none() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(m::UPKEEP_INTERVAL) => {}
+        }
+        let counts = state.engine.counts();
+        let stats = &state.stats;
+        ::metrics::gauge!(m::LIVE_TASKS).set(counts.live_tasks as f64);
+        ::metrics::gauge!(m::TASKS).set(counts.tasks as f64);
+        ::metrics::gauge!(m::SESSIONS).set(counts.sessions as f64);
+        ::metrics::gauge!(m::QUEUE_DEPTH).set(stats.queue_depth.load(Ordering::Relaxed) as f64);
+        ::metrics::gauge!(m::POLLS_IN_FLIGHT).set(stats.in_flight.load(Ordering::Relaxed) as f64);
+        ::metrics::counter!(m::POLLS).absolute(stats.polls.load(Ordering::Relaxed));
+        ::metrics::counter!(m::POLLS_DEFERRED).absolute(stats.deferred.load(Ordering::Relaxed));
+        ::metrics::counter!(m::UPDATES_COALESCED)
+            .absolute(engine::fanout::outbox::COALESCED_TOTAL.load(Ordering::Relaxed));
+        if let Some(h) = m::handle() {
+            h.run_upkeep();
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM. The handlers are installed when this is called, not

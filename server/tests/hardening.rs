@@ -219,18 +219,18 @@ async fn a_thousand_abruptly_dropped_connections_leave_nothing_behind() {
         c.send(json!({"type":"subscribe","task":task.id})).await;
         clients.push(c);
     }
-    assert!(eventually(20, || app.state.hub.counts().subscriptions == 1001).await);
+    assert!(eventually(20, || app.state.engine.counts().subscriptions == 1001).await);
     // No close frame: the sockets just go.
     drop(clients);
     drop(first);
     assert!(
         eventually(20, || {
-            let c = app.state.hub.counts();
+            let c = app.state.engine.counts();
             c.connections == 0 && c.subscriptions == 0
         })
         .await,
         "{:?}",
-        app.state.hub.counts()
+        app.state.engine.counts()
     );
     app.stop().await;
 }
@@ -246,8 +246,8 @@ async fn a_peer_that_never_answers_pings_is_closed_and_forgotten() {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
         .await
         .unwrap();
-    assert!(eventually(5, || app.state.hub.counts().connections == 1).await);
-    assert!(eventually(10, || app.state.hub.counts().connections == 0).await);
+    assert!(eventually(5, || app.state.engine.counts().connections == 1).await);
+    assert!(eventually(10, || app.state.engine.counts().connections == 0).await);
     drop(ws);
     app.stop().await;
 }
@@ -298,10 +298,10 @@ async fn a_client_that_reads_nothing_still_gets_every_final_state() {
         let mut most_pending = 0;
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            most_pending = most_pending.max(app.state.hub.counts().pending_frames);
+            most_pending = most_pending.max(app.state.engine.counts().pending_frames);
         }
         assert!(most_pending <= 20 + 2, "{most_pending} frames queued");
-        let counts = app.state.hub.counts();
+        let counts = app.state.engine.counts();
         assert_eq!(counts.live_tasks, 0, "all finished meanwhile");
 
         let mut finals = std::collections::HashMap::new();
@@ -384,12 +384,12 @@ async fn twenty_thousand_short_tasks_leave_nothing_after_the_retention() {
     c.close().await;
     assert!(
         eventually(60, || {
-            let n = app.state.hub.counts();
+            let n = app.state.engine.counts();
             n.tasks == 0 && n.sessions == 0 && n.connections == 0
         })
         .await,
         "{:?}",
-        app.state.hub.counts()
+        app.state.engine.counts()
     );
     app.stop().await;
 }

@@ -11,7 +11,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
-use server::hub::outbox::{CloseReason, Next, Outbox, MAX_QUEUED_REPLIES};
+use server::engine::fanout::outbox::{CloseReason, Next, Outbox, MAX_QUEUED_REPLIES};
 use std::sync::Arc;
 
 /// Cases per property: 2,000 unless `PROPTEST_CASES` says otherwise.

@@ -4,58 +4,93 @@
 use app::protocol::{ServerMsg, TaskState};
 use server::backend::Backend;
 use server::clock::Clock;
-use server::hub::{Conn, Hub, Next};
-use server::scheduler::policy::PollPolicy;
-use server::scheduler::{Limits, Scheduler, SchedulerHandle};
+use server::engine::fanout::{Conn, Fanout, Next};
+use server::engine::memory::MemoryEngine;
+use server::engine::pipeline::{Limits, PollCtx, PollStats};
+use server::engine::Engine;
 use server::sim::Simulator;
+use server::task::new_task;
+use server::task::policy::PollPolicy;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 struct Rig {
-    hub: Hub,
+    engine: Engine,
+    memory: MemoryEngine,
+    fanout: Fanout,
     sim: Arc<Simulator>,
     clock: Clock,
-    handle: SchedulerHandle,
     _stop: watch::Sender<bool>,
+}
+
+fn policy(poll_interval_ms: u64, give_up_ms: u64, retention_ms: u64) -> Arc<PollPolicy> {
+    Arc::new(PollPolicy {
+        poll_interval_ms,
+        poll_min_ms: 100,
+        adaptive: false,
+        give_up_ms,
+        retention_ms,
+    })
+}
+
+/// The memory engine on `backend`, its delay queue running.
+fn engine(
+    backend: Backend,
+    policy: Arc<PollPolicy>,
+    clock: Clock,
+) -> (Engine, MemoryEngine, Fanout, watch::Sender<bool>) {
+    let fanout = Fanout::new(clock);
+    let ctx = Arc::new(PollCtx {
+        backend: backend.clone(),
+        policy: policy.clone(),
+        clock,
+        stats: Arc::new(PollStats::default()),
+    });
+    let limits = Limits {
+        max_in_flight: 64,
+        max_polls_per_s: 0,
+    };
+    let retention = Duration::from_millis(policy.retention_ms);
+    let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, retention);
+    let (stop, rx) = watch::channel(false);
+    tokio::spawn(queue.run(rx));
+    let engine = Engine::memory(fanout.clone(), memory.clone(), backend, policy, clock);
+    (engine, memory, fanout, stop)
 }
 
 fn rig(poll_interval_ms: u64, retention_ms: u64) -> Rig {
     let clock = Clock::new();
     let sim = Arc::new(Simulator::new());
-    let hub = Hub::new(clock);
-    let policy = PollPolicy {
-        poll_interval_ms,
-        poll_min_ms: 100,
-        adaptive: false,
-        give_up_ms: 300_000,
-        retention_ms,
-    };
-    let (scheduler, handle) = Scheduler::new(
-        hub.clone(),
-        Backend::embedded(sim.clone(), clock),
-        policy,
-        Limits {
-            max_in_flight: 64,
-            max_polls_per_s: 0,
-        },
+    let backend = Backend::embedded(sim.clone(), clock);
+    let (engine, memory, fanout, stop) = engine(
+        backend,
+        policy(poll_interval_ms, 300_000, retention_ms),
+        clock,
     );
-    let (stop, rx) = watch::channel(false);
-    tokio::spawn(scheduler.run(rx));
     Rig {
-        hub,
+        engine,
+        memory,
+        fanout,
         sim,
         clock,
-        handle,
         _stop: stop,
     }
 }
 
 impl Rig {
     /// A connection of a new session.
-    fn conn(&self) -> Conn {
-        let (session, _) = self.hub.resolve_session(None);
-        self.hub.connect(session)
+    async fn conn(&self) -> Conn {
+        let (session, _) = self.engine.resolve_session(None).await.unwrap();
+        self.engine.connect(session).await.unwrap()
+    }
+
+    /// Records a task as started on the task service under `bid`.
+    async fn create(&self, conn: &Conn, bid: &str) -> Arc<str> {
+        let task = new_task("simulate", None, self.clock.now_ms());
+        self.memory.create(&conn.session, &task, bid).await;
+        self.fanout.accepted(conn, "r".into(), &task);
+        task.id.as_str().into()
     }
 
     async fn start(&self, conn: &Conn, params: serde_json::Value) -> (Arc<str>, String) {
@@ -63,11 +98,7 @@ impl Rig {
             .sim
             .start("simulate", &params, self.clock.now_ms())
             .unwrap();
-        let id = self
-            .hub
-            .create_task(conn, "r".into(), "simulate", None, &bid);
-        self.handle.poll(id.clone(), Duration::ZERO).await;
-        (id, bid)
+        (self.create(conn, &bid).await, bid)
     }
 }
 
@@ -82,7 +113,7 @@ fn drain(conn: &Conn) -> Vec<ServerMsg> {
 #[tokio::test(start_paused = true)]
 async fn a_ten_second_task_is_polled_once_per_tick_then_never_again() {
     let r = rig(500, 600_000);
-    let conn = r.conn();
+    let conn = r.conn().await;
     let (id, bid) = r
         .start(
             &conn,
@@ -92,7 +123,7 @@ async fn a_ten_second_task_is_polled_once_per_tick_then_never_again() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     // At 0, 500, ..., 10 000 ms: 21 polls; the last saw `succeeded`.
     assert_eq!(r.sim.polls_of(&bid), Some(21));
-    let task = r.hub.task(&id).unwrap();
+    let task = r.memory.table.task(&id).unwrap();
     assert_eq!((task.state, task.done), (TaskState::Succeeded, 100));
     // The connection got welcome, accepted, then rising states ending final.
     let msgs = drain(&conn);
@@ -105,7 +136,7 @@ async fn a_ten_second_task_is_polled_once_per_tick_then_never_again() {
 #[tokio::test(start_paused = true)]
 async fn an_unread_connection_gets_the_newest_state_only() {
     let r = rig(100, 600_000);
-    let conn = r.conn();
+    let conn = r.conn().await;
     r.start(
         &conn,
         serde_json::json!({"duration_ms": 5_000, "steps": 50}),
@@ -123,7 +154,7 @@ async fn an_unread_connection_gets_the_newest_state_only() {
 #[tokio::test(start_paused = true)]
 async fn a_task_cancelled_at_the_service_stops_being_polled() {
     let r = rig(500, 600_000);
-    let conn = r.conn();
+    let conn = r.conn().await;
     let (id, bid) = r
         .start(
             &conn,
@@ -135,19 +166,19 @@ async fn a_task_cancelled_at_the_service_stops_being_polled() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     // 0, 500, ..., 2 000 before the cancel; 2 500 saw it.
     assert_eq!(r.sim.polls_of(&bid), Some(6));
-    assert_eq!(r.hub.task(&id).unwrap().state, TaskState::Cancelled);
+    assert_eq!(
+        r.memory.table.task(&id).unwrap().state,
+        TaskState::Cancelled
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_task_the_service_forgot_fails_with_a_clear_error() {
     let r = rig(500, 600_000);
-    let conn = r.conn();
-    let id = r
-        .hub
-        .create_task(&conn, "r".into(), "simulate", None, "never-started");
-    r.handle.poll(id.clone(), Duration::ZERO).await;
+    let conn = r.conn().await;
+    let id = r.create(&conn, "never-started").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let task = r.hub.task(&id).unwrap();
+    let task = r.memory.table.task(&id).unwrap();
     assert_eq!(task.state, TaskState::Failed);
     assert_eq!(
         task.error.as_deref(),
@@ -158,36 +189,36 @@ async fn a_task_the_service_forgot_fails_with_a_clear_error() {
 #[tokio::test(start_paused = true)]
 async fn finished_tasks_and_empty_sessions_are_forgotten_after_the_retention() {
     let r = rig(500, 60_000);
-    let (session, _) = r.hub.resolve_session(None);
-    let conn = r.hub.connect(session.clone());
+    let conn = r.conn().await;
     let (id, _) = r
         .start(
             &conn,
             serde_json::json!({"duration_ms": 1_000, "steps": 10}),
         )
         .await;
-    if let Some(s) = r.hub.disconnect(&conn) {
-        r.handle.expire_session(s, Duration::from_secs(60)).await;
-    }
+    r.engine.disconnect(&conn).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(r.hub.task(&id).is_some(), "kept during the retention");
+    assert!(
+        r.memory.table.task(&id).is_some(),
+        "kept during the retention"
+    );
     tokio::time::sleep(Duration::from_secs(32)).await;
-    assert!(r.hub.task(&id).is_none(), "forgotten after it");
-    assert_eq!(r.hub.counts().tasks, 0);
+    assert!(r.memory.table.task(&id).is_none(), "forgotten after it");
+    assert_eq!(r.engine.counts().tasks, 0);
     tokio::time::sleep(Duration::from_secs(61)).await;
-    assert_eq!(r.hub.counts().sessions, 0, "the empty session went too");
+    assert_eq!(r.engine.counts().sessions, 0, "the empty session went too");
 }
 
 /// Every live task has exactly one entry: queued or in flight, never both,
 /// never missing; final tasks have none.
 async fn assert_one_entry_per_live_task(r: &Rig) {
-    let snap = r.handle.snapshot().await.unwrap();
+    let snap = r.memory.queue.snapshot().await.unwrap();
     let mut entries: Vec<Arc<str>> = snap.queued.iter().chain(&snap.in_flight).cloned().collect();
     entries.sort();
     let before = entries.len();
     entries.dedup();
     assert_eq!(before, entries.len(), "a task with two entries");
-    let mut live = r.hub.live_task_ids();
+    let mut live = r.memory.table.live_task_ids();
     live.sort();
     assert_eq!(entries, live);
 }
@@ -195,7 +226,7 @@ async fn assert_one_entry_per_live_task(r: &Rig) {
 #[tokio::test(start_paused = true)]
 async fn no_live_task_is_forgotten_and_none_is_held_twice() {
     let r = rig(500, 600_000);
-    let conn = r.conn();
+    let conn = r.conn().await;
     let mut started = vec![];
     for i in 0..200u64 {
         let params = serde_json::json!({
@@ -217,8 +248,8 @@ async fn no_live_task_is_forgotten_and_none_is_held_twice() {
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_one_entry_per_live_task(&r).await;
-    assert!(r.hub.live_task_ids().is_empty());
-    let snap = r.handle.snapshot().await.unwrap();
+    assert!(r.memory.table.live_task_ids().is_empty());
+    let snap = r.memory.queue.snapshot().await.unwrap();
     assert_eq!(
         snap.expiring, 200,
         "every finished task waits for its expiry"
@@ -228,31 +259,15 @@ async fn no_live_task_is_forgotten_and_none_is_held_twice() {
 #[tokio::test(start_paused = true)]
 async fn an_unreachable_service_backs_off_then_gives_up() {
     let clock = Clock::new();
-    let hub = Hub::new(clock);
-    let policy = PollPolicy {
-        poll_interval_ms: 500,
-        poll_min_ms: 100,
-        adaptive: false,
-        give_up_ms: 10_000,
-        retention_ms: 600_000,
-    };
     // Port 1 on loopback: nothing listens, every request is refused.
     let backend = Backend::http("http://127.0.0.1:1", Duration::from_secs(5), clock).unwrap();
-    let (scheduler, handle) = Scheduler::new(
-        hub.clone(),
-        backend.clone(),
-        policy,
-        Limits {
-            max_in_flight: 8,
-            max_polls_per_s: 0,
-        },
-    );
-    let (_stop, rx) = watch::channel(false);
-    tokio::spawn(scheduler.run(rx));
-    let (session, _) = hub.resolve_session(None);
-    let conn = hub.connect(session);
-    let id = hub.create_task(&conn, "r".into(), "simulate", None, "x");
-    handle.poll(id.clone(), Duration::ZERO).await;
+    let (engine, memory, fanout, _stop) =
+        engine(backend.clone(), policy(500, 10_000, 600_000), clock);
+    let (session, _) = engine.resolve_session(None).await.unwrap();
+    let conn = engine.connect(session).await.unwrap();
+    let task = new_task("simulate", None, clock.now_ms());
+    memory.create(&conn.session, &task, "x").await;
+    fanout.accepted(&conn, "r".into(), &task);
     tokio::time::sleep(Duration::from_secs(20)).await;
 
     let states: Vec<_> = drain(&conn)

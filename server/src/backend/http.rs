@@ -7,8 +7,8 @@
 //! back. A general client (reqwest) parsed the URL, ran IDNA and walked its
 //! pool layers on every poll; this one costs a fraction of that.
 
-use super::types::{RejectBody, RejectCode, StartRequest, StartResponse, Status};
 use super::BackendError;
+use crate::task_api::{RejectBody, RejectCode, StartRequest, StartResponse, Status};
 use app::protocol::ErrorCode;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};

@@ -1,17 +1,19 @@
-//! Backend adapters: how taskwire talks to the task service (contract
-//! section 2). Two implementations behind one enum, chosen at start-up: the
-//! simulator in this process, or any service over HTTP.
+//! Backend adapters: how taskwire talks to the task service (the
+//! task-service API of docs/protocol.md). Two implementations behind one
+//! enum, chosen at start-up: the simulator in this process
+//! ([`embedded`]), or any service over HTTP ([`http`]).
 
+mod embedded;
 mod http;
-pub mod types;
 
 use crate::clock::Clock;
-use crate::sim::{SimError, Simulator};
+use crate::sim::Simulator;
+use crate::task::PollError;
+pub use crate::task_api::Status;
 use app::protocol::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-pub use types::Status;
 
 /// What went wrong talking to the task service; each variant is something
 /// the caller acts on differently.
@@ -37,11 +39,30 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    fn unavailable(kind: &'static str, reason: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(kind: &'static str, reason: impl Into<String>) -> Self {
         BackendError::Unavailable {
             kind,
             reason: reason.into(),
             retry_after: None,
+        }
+    }
+
+    /// What a failed poll means for the task (see [`crate::task::Tracked::on_error`]).
+    pub fn poll_error(&self) -> PollError {
+        match self {
+            BackendError::NotFound => PollError::Lost,
+            BackendError::Unavailable {
+                reason,
+                retry_after,
+                ..
+            } => PollError::Unreachable {
+                reason: reason.clone(),
+                retry_after: *retry_after,
+            },
+            other => PollError::Unreachable {
+                reason: other.to_string(),
+                retry_after: None,
+            },
         }
     }
 
@@ -157,30 +178,14 @@ impl Backend {
         params: &serde_json::Value,
     ) -> Result<String, BackendError> {
         match &self.adapter {
-            Adapter::Embedded(sim) => {
-                let clock = &self.clock;
-                sim.start(kind, params, clock.now_ms())
-                    .map_err(|e| match e {
-                        SimError::UnknownKind(_) => BackendError::Rejected {
-                            code: ErrorCode::UnknownKind,
-                            message: e.to_string(),
-                        },
-                        SimError::InvalidParams(_) => BackendError::Rejected {
-                            code: ErrorCode::InvalidParams,
-                            message: e.to_string(),
-                        },
-                        SimError::Full => BackendError::unavailable("full", e.to_string()),
-                    })
-            }
+            Adapter::Embedded(sim) => embedded::start(sim, kind, params, self.clock.now_ms()),
             Adapter::Http(h) => h.start(kind, params).await,
         }
     }
 
     pub async fn status(&self, id: &str) -> Result<Status, BackendError> {
         let result = match &self.adapter {
-            Adapter::Embedded(sim) => sim
-                .status(id, self.clock.now_ms())
-                .ok_or(BackendError::NotFound),
+            Adapter::Embedded(sim) => embedded::status(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.status(id).await,
         };
         self.observe(&result);
@@ -189,9 +194,7 @@ impl Backend {
 
     pub async fn cancel(&self, id: &str) -> Result<Status, BackendError> {
         let result = match &self.adapter {
-            Adapter::Embedded(sim) => sim
-                .cancel(id, self.clock.now_ms())
-                .ok_or(BackendError::NotFound),
+            Adapter::Embedded(sim) => embedded::cancel(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.cancel(id).await,
         };
         self.observe(&result);

@@ -1,74 +1,165 @@
-//! The engine: where sessions and tasks live and how changes reach the
-//! connections. One interface, two implementations, chosen at start-up
-//! (like centrifuge's broker):
+//! The engine: where sessions and tasks live and how their changes reach
+//! the connections. The WebSocket, the page (and later the HTTP API) call
+//! only [`Engine`], for everything: sessions, connect, start, cancel,
+//! subscribe, forget, snapshots. Nothing outside `engine/` knows which
+//! implementation runs:
 //!
-//! - **memory** (default): the [`Hub`] holds everything; the scheduler's
-//!   delay queue polls.
-//! - **Redis** (`--redis URL`): Redis holds sessions, tasks and the delay
-//!   queue ([`store`]); workers claim due polls from it ([`worker`]); each
-//!   web process mirrors, in its hub, the sessions connected to it and
-//!   follows their changes over pub/sub ([`listener`]).
+//! - [`memory`] (default): one process holds everything and polls from its
+//!   own delay queue.
+//! - [`redis`] (`--redis URL`): Redis holds the truth and the delay queue,
+//!   shared by web and worker processes.
 //!
-//! The WebSocket and page code call only [`Engine`].
+//! Why an enum and not a trait object: the two implementations are known
+//! at compile time and chosen once at start-up; an enum dispatches async
+//! methods without boxing every future, and the flows that do not depend
+//! on the implementation (start, cancel, connect — below) are written once
+//! here, around the few calls that do. Both share the [`fanout`], the poll
+//! [`pipeline`] and the [`admission`] rule.
 
-pub mod listener;
-pub mod store;
-pub mod worker;
+pub mod admission;
+pub mod fanout;
+pub mod memory;
+pub mod pipeline;
+pub mod redis;
 
-use crate::backend::{BackendError, Status};
+use crate::backend::{Backend, BackendError};
 use crate::clock::Clock;
-use crate::hub::transition::{Tracked, LOST_TASK};
-use crate::hub::{CancelTarget, Conn, Hub, NotFound};
-use crate::scheduler::policy::PollPolicy;
-use crate::scheduler::SchedulerHandle;
+use crate::task::policy::PollPolicy;
+use crate::task::{new_task, LOST_TASK};
+use admission::{Refusal, StartLimits};
 use app::protocol::{ErrorCode, Task};
+use fanout::{CloseReason, Conn, Fanout, NotFound};
+use memory::MemoryEngine;
+use redis::store::StoreError;
+use redis::RedisEngine;
 use std::sync::Arc;
-use std::time::Duration;
-use store::{NextDue, Saved, Store, StoreError};
 
-/// How often a compare-and-set of a task is retried when another writer
-/// changed it first.
-pub const CAS_TRIES: usize = 5;
-
+/// The engine: shared parts plus the implementation. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    hub: Hub,
-    scheduler: SchedulerHandle,
+    fanout: Fanout,
+    backend: Backend,
     policy: Arc<PollPolicy>,
     clock: Clock,
-    store: Option<Store>,
+    imp: Imp,
 }
 
-/// An admitted start, to hand back to [`Engine::start_done`].
-pub struct StartTicket {
-    nonce: Option<String>,
+#[derive(Clone)]
+enum Imp {
+    Memory(MemoryEngine),
+    Redis(RedisEngine),
+}
+
+/// A request the engine refused: the protocol's error code and a message
+/// for the client (the caller adds the `ref`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refused {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refused {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Self {
+        Refused::new(ErrorCode::TooManyTasks, r.to_string())
+    }
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        Refused::new(ErrorCode::BackendUnavailable, e.to_string())
+    }
+}
+
+impl From<BackendError> for Refused {
+    fn from(e: BackendError) -> Self {
+        let code = match &e {
+            BackendError::Rejected { code, .. } => *code,
+            BackendError::Unavailable { .. } => ErrorCode::BackendUnavailable,
+            BackendError::NotFound | BackendError::Protocol(_) => ErrorCode::Internal,
+        };
+        if code == ErrorCode::Internal {
+            tracing::warn!(error = %e, "task service answered out of contract");
+        }
+        Refused::new(code, e.to_string())
+    }
+}
+
+/// An admitted start, to hand to [`Engine::start`] or [`Engine::release`].
+pub struct StartTicket(Option<redis::Nonce>);
+
+/// What `cancel` must do next.
+pub enum CancelTarget {
+    /// The task is already final: its state was queued to the caller.
+    AlreadyFinal,
+    /// Ask the task service to cancel this (backend) id.
+    Backend(Arc<str>),
+}
+
+/// The engine's sizes, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Sessions held (memory: all; Redis: those connected here).
+    pub sessions: usize,
+    pub tasks: usize,
+    pub live_tasks: usize,
+    pub connections: usize,
+    pub subscriptions: usize,
+    /// Frames waiting in all outboxes (bounded by subscriptions + replies).
+    pub pending_frames: usize,
 }
 
 impl Engine {
-    /// The memory engine when `store` is `None`; else the Redis engine's
-    /// web side, and `hub` must be a [`Hub::mirror`].
-    pub fn new(
-        hub: Hub,
-        scheduler: SchedulerHandle,
+    pub fn memory(
+        fanout: Fanout,
+        memory: MemoryEngine,
+        backend: Backend,
         policy: Arc<PollPolicy>,
         clock: Clock,
-        store: Option<Store>,
     ) -> Self {
         Engine {
-            hub,
-            scheduler,
+            fanout,
+            backend,
             policy,
             clock,
-            store,
+            imp: Imp::Memory(memory),
         }
     }
 
-    pub fn hub(&self) -> &Hub {
-        &self.hub
+    pub fn redis(
+        fanout: Fanout,
+        redis: RedisEngine,
+        backend: Backend,
+        policy: Arc<PollPolicy>,
+        clock: Clock,
+    ) -> Self {
+        Engine {
+            fanout,
+            backend,
+            policy,
+            clock,
+            imp: Imp::Redis(redis),
+        }
     }
 
-    pub fn store(&self) -> Option<&Store> {
-        self.store.as_ref()
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The memory engine, when that is the one running (for tests).
+    pub fn as_memory(&self) -> Option<&MemoryEngine> {
+        match &self.imp {
+            Imp::Memory(m) => Some(m),
+            Imp::Redis(_) => None,
+        }
     }
 
     /// The session a cookie names, or a new one when it is missing,
@@ -77,264 +168,249 @@ impl Engine {
         &self,
         token: Option<&str>,
     ) -> Result<(Arc<str>, bool), StoreError> {
-        let Some(store) = &self.store else {
-            return Ok(self.hub.resolve_session(token));
-        };
-        if let Some(t) = token.filter(|t| crate::hub::is_token(t)) {
-            if store.session_exists(t).await? {
-                return Ok((t.into(), false));
-            }
+        match &self.imp {
+            Imp::Memory(m) => Ok(m.resolve_session(token)),
+            Imp::Redis(r) => r.resolve_session(token).await,
         }
-        let token = crate::hub::random_hex(16);
-        store.create_session(&token, self.clock.now_ms()).await?;
-        Ok((token.into(), true))
+    }
+
+    /// A session's tasks, oldest first, with their task-service ids.
+    async fn load_session(&self, session: &str) -> Result<Vec<Task>, StoreError> {
+        Ok(match &self.imp {
+            Imp::Memory(m) => m
+                .session_tasks(session)
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect(),
+            Imp::Redis(r) => r
+                .session_tasks(session)
+                .await?
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect(),
+        })
     }
 
     /// A session's tasks, oldest first (for the page's first render).
     pub async fn session_tasks(&self, session: &str) -> Vec<Task> {
-        let Some(store) = &self.store else {
-            return self.hub.session_tasks(session);
-        };
-        match store.session_tasks(session).await {
-            Ok(tasks) => tasks.into_iter().map(|(t, _)| t).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "page rendered without the session's tasks");
-                Vec::new()
-            }
-        }
+        self.load_session(session).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "page rendered without the session's tasks");
+            Vec::new()
+        })
     }
 
     /// Registers a connection, queues its `welcome` and subscribes it to
-    /// every task of its session. With Redis, the session's tasks are read
-    /// first; changes that arrive meanwhile are kept (the session is held),
-    /// and whichever of the two is newer wins.
+    /// every task of its session. The session is held in the fanout while
+    /// its tasks are read, so changes that arrive meanwhile are kept, and
+    /// whichever of the two is newer wins.
     pub async fn connect(&self, session: Arc<str>) -> Result<Conn, StoreError> {
-        let Some(store) = &self.store else {
-            return Ok(self.hub.connect(session));
-        };
-        self.hub.hold(&session);
-        let loaded = store.session_tasks(&session).await;
+        self.fanout.hold(&session);
+        let loaded = self.load_session(&session).await;
         let result = loaded.map(|tasks| {
-            for (task, backend_id) in tasks {
-                self.hub.apply_remote(&session, Some(&backend_id), task);
+            for task in &tasks {
+                self.fanout.apply(&session, task);
             }
-            self.hub.connect(session.clone())
+            self.fanout.connect(session.clone())
         });
-        self.hub.unhold(&session);
+        self.fanout.unhold(&session);
         result
     }
 
     /// Forgets a connection and its subscriptions.
-    pub async fn disconnect(&self, conn: &Conn, retention: Duration) {
-        if let Some(session) = self.hub.disconnect(conn) {
-            self.scheduler.expire_session(session, retention).await;
+    pub async fn disconnect(&self, conn: &Conn) {
+        let last = self.fanout.disconnect(conn);
+        if let (true, Imp::Memory(m)) = (last, &self.imp) {
+            m.disconnected(&conn.session).await;
         }
     }
 
-    /// Admits one `start` (per-session limits, across every web process
-    /// with Redis), or says why not.
+    /// Admits one `start` of `conn`'s session (per-session limits, across
+    /// every web process with Redis), or says why not.
     pub async fn admit_start(
         &self,
         conn: &Conn,
-        per_min: u64,
-        max_live: u64,
-    ) -> Result<StartTicket, (ErrorCode, String)> {
-        let Some(store) = &self.store else {
-            return self
-                .hub
-                .admit_start(conn, per_min, max_live)
-                .map(|()| StartTicket { nonce: None })
-                .map_err(|why| (ErrorCode::TooManyTasks, why));
-        };
-        let nonce = crate::hub::random_hex(8);
-        match store
-            .admit_start(
-                &conn.session,
-                &nonce,
-                self.clock.now_ms(),
-                per_min,
-                max_live,
-            )
-            .await
-        {
-            Ok(None) => Ok(StartTicket { nonce: Some(nonce) }),
-            Ok(Some(why)) => Err((ErrorCode::TooManyTasks, why)),
-            Err(e) => Err((ErrorCode::BackendUnavailable, e.to_string())),
-        }
-    }
-
-    /// An admitted start got its answer (task created, or refused).
-    pub async fn start_done(&self, conn: &Conn, ticket: StartTicket) {
-        match (&self.store, ticket.nonce) {
-            (Some(store), Some(nonce)) => {
-                if let Err(e) = store.start_done(&conn.session, &nonce).await {
-                    // Stale pending starts stop counting after a minute.
-                    tracing::warn!(error = %e, "could not release a pending start");
-                }
+        limits: StartLimits,
+    ) -> Result<StartTicket, Refused> {
+        let now = self.clock.now_ms();
+        match &self.imp {
+            Imp::Memory(m) => {
+                m.admit(&conn.session, limits, now)?;
+                Ok(StartTicket(None))
             }
-            _ => self.hub.start_done(conn),
+            Imp::Redis(r) => Ok(StartTicket(Some(
+                r.admit(&conn.session, limits, now).await??,
+            ))),
         }
     }
 
-    /// Records a task the task service accepted: `accepted` to `conn`,
-    /// which is subscribed, and its first poll due at once.
-    pub async fn create_task(
+    /// An admitted start that will not go ahead.
+    pub async fn release(&self, conn: &Conn, ticket: StartTicket) {
+        match (&self.imp, ticket.0) {
+            (Imp::Redis(r), Some(nonce)) => r.start_done(&conn.session, nonce).await,
+            (Imp::Memory(m), _) => m.start_done(&conn.session),
+            (Imp::Redis(_), None) => {}
+        }
+    }
+
+    /// Starts a task on the task service and records it: `accepted` goes to
+    /// `conn`, which is subscribed, and its first poll is due at once. A
+    /// task the store cannot record is cancelled again (nobody would ever
+    /// see it).
+    pub async fn start(
+        &self,
+        conn: &Conn,
+        ticket: StartTicket,
+        reference: String,
+        kind: &str,
+        params: serde_json::Value,
+    ) -> Result<(), Refused> {
+        let result = self.start_admitted(conn, reference, kind, params).await;
+        self.release(conn, ticket).await;
+        result
+    }
+
+    async fn start_admitted(
         &self,
         conn: &Conn,
         reference: String,
         kind: &str,
-        params: Option<serde_json::Value>,
-        backend_id: &str,
-    ) -> Result<(), StoreError> {
-        let task = self.hub.new_task(kind, params);
-        match &self.store {
-            None => {
-                let id = self.hub.insert_task(conn, reference, task, backend_id);
-                self.scheduler.poll(id, Duration::ZERO).await;
+        params: serde_json::Value,
+    ) -> Result<(), Refused> {
+        let backend_id = self.backend.start(kind, &params).await?;
+        let task = new_task(kind, Some(params), self.clock.now_ms());
+        let created = match &self.imp {
+            Imp::Memory(m) => {
+                m.create(&conn.session, &task, &backend_id).await;
+                Ok(())
             }
-            Some(store) => {
-                store.create_task(&conn.session, &task, backend_id).await?;
-                self.hub.insert_task(conn, reference, task, backend_id);
-            }
+            Imp::Redis(r) => r.create(&conn.session, &task, &backend_id).await,
+        };
+        if let Err(e) = created {
+            tracing::warn!(error = %e, "a started task could not be recorded");
+            let _ = self.backend.cancel(&backend_id).await;
+            return Err(e.into());
         }
+        self.fanout.accepted(conn, reference, &task);
         Ok(())
     }
 
-    /// With Redis, a task of `conn`'s session that this process has not
-    /// seen yet (started on another process a moment ago) is read from
-    /// Redis. Whether the hub has it now.
-    async fn fetch(&self, conn: &Conn, task_id: &str) -> bool {
-        let Some(store) = &self.store else {
-            return false;
+    /// A task of `conn`'s session from the engine's truth, put into the
+    /// fanout (it may have been started on another process a moment ago).
+    async fn lookup(&self, conn: &Conn, task_id: &str) -> Option<(Task, Arc<str>)> {
+        let found = match &self.imp {
+            Imp::Memory(m) => m.lookup(&conn.session, task_id),
+            Imp::Redis(r) => match r.lookup(&conn.session, task_id).await {
+                Ok(found) => found.map(|(t, b)| (t, b.into())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read a task from Redis");
+                    None
+                }
+            },
         };
-        match store.load(task_id).await {
-            Ok(Some(stored)) if *stored.session == *conn.session => {
-                self.hub.apply_remote(
-                    &stored.session,
-                    Some(&stored.backend_id),
-                    stored.tracked.task,
-                );
-                true
-            }
-            Ok(_) => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read a task from Redis");
-                false
-            }
+        if let Some((task, _)) = &found {
+            self.fanout.apply(&conn.session, task);
         }
+        found
     }
 
     /// Subscribes `conn` to a task of its session and queues its state.
     pub async fn subscribe(&self, conn: &Conn, task_id: &str) -> Result<(), NotFound> {
-        match self.hub.subscribe(conn, task_id) {
-            Err(NotFound) if self.fetch(conn, task_id).await => self.hub.subscribe(conn, task_id),
+        match self.fanout.subscribe(conn, task_id) {
+            Err(NotFound) if self.lookup(conn, task_id).await.is_some() => {
+                self.fanout.subscribe(conn, task_id)
+            }
             other => other,
         }
     }
 
     pub fn unsubscribe(&self, conn: &Conn, task_id: &str) {
-        self.hub.unsubscribe(conn, task_id);
+        self.fanout.unsubscribe(conn, task_id);
     }
 
+    /// Looks a task up for `cancel`. A task already final has its state
+    /// queued to the caller right away.
     pub async fn cancel_target(
         &self,
         conn: &Conn,
         task_id: &str,
     ) -> Result<CancelTarget, NotFound> {
-        match self.hub.cancel_target(conn, task_id) {
-            Err(NotFound) if self.fetch(conn, task_id).await => {
-                self.hub.cancel_target(conn, task_id)
-            }
-            other => other,
+        let (task, backend_id) = self.lookup(conn, task_id).await.ok_or(NotFound)?;
+        if task.state.is_final() {
+            self.fanout.send_state_to(conn, task_id, false);
+            Ok(CancelTarget::AlreadyFinal)
+        } else {
+            Ok(CancelTarget::Backend(backend_id))
         }
     }
 
-    /// Applies what the task service answered to a `cancel` (a status, or
-    /// `404`), then queues the task's state to `conn` if it does not get
-    /// it as a subscriber.
-    pub async fn apply_cancel(
+    /// Asks the task service to cancel a task and applies its answer (a
+    /// status, or `404`: the task is lost) like a poll's; the task's state
+    /// then goes to `conn` if it does not get it as a subscriber.
+    pub async fn cancel(
         &self,
         conn: &Conn,
         task_id: &str,
-        answer: Result<Status, BackendError>,
-    ) -> Result<(), StoreError> {
-        let policy = &self.policy;
-        let Some(store) = &self.store else {
-            match answer {
-                Ok(status) => {
-                    self.hub.apply_status(task_id, &status, policy, 0.0);
-                }
-                Err(_) => {
-                    self.hub.fail(task_id, LOST_TASK.into(), policy);
-                }
-            }
-            self.hub.send_state_to(conn, task_id);
-            return Ok(());
+        backend_id: &str,
+    ) -> Result<(), Refused> {
+        let answer = match self.backend.cancel(backend_id).await {
+            Ok(status) => Some(status),
+            Err(BackendError::NotFound) => None,
+            Err(e) => return Err(e.into()),
         };
-        for _ in 0..CAS_TRIES {
-            let Some(mut stored) = store.load(task_id).await? else {
-                break;
-            };
-            let loaded_seq = stored.tracked.task.seq;
-            let now = self.clock.now_ms();
-            let step = match &answer {
-                Ok(status) => stored.tracked.on_status(status, policy, now, 0.0),
-                Err(_) => stored.tracked.fail(LOST_TASK.into(), policy, now),
-            };
-            let changed = commit(&mut stored.tracked, step.next);
-            let next = if stored.tracked.task.state.is_final() {
-                NextDue::Final
-            } else {
-                NextDue::Keep
-            };
-            let saved = store
-                .save(
-                    &stored,
-                    loaded_seq,
-                    changed,
-                    next,
-                    policy.retention_ms / 1000,
-                )
-                .await?;
-            if saved == Saved::Conflict {
-                continue;
+        let policy = &self.policy;
+        let step = |tracked: &mut crate::task::Tracked, now| match &answer {
+            Some(status) => tracked.on_status(status, policy, now, 0.0),
+            None => tracked.fail(LOST_TASK.into(), policy, now),
+        };
+        let committed = match &self.imp {
+            Imp::Memory(m) => m.commit(task_id, step).await.ok().flatten(),
+            Imp::Redis(r) => {
+                use pipeline::TaskStore;
+                r.commit(task_id, None, None, step).await?
             }
-            if changed {
-                self.hub.apply_remote(
-                    &stored.session,
-                    Some(&stored.backend_id),
-                    stored.tracked.task,
-                );
-            }
-            break;
+        };
+        if let Some(task) = committed.and_then(|c| c.changed) {
+            self.fanout.apply(&conn.session, &task);
         }
-        self.hub.send_state_to(conn, task_id);
+        self.fanout.send_state_to(conn, task_id, true);
         Ok(())
     }
 
     /// `forget`: drops a finished task of `conn`'s session.
-    pub async fn forget(&self, conn: &Conn, task_id: &str, retention: Duration) {
-        let Some(store) = &self.store else {
-            if let Some(session) = self.hub.forget(conn, task_id) {
-                self.scheduler.expire_session(session, retention).await;
-            }
-            return;
+    pub async fn forget(&self, conn: &Conn, task_id: &str) {
+        let forgot = match &self.imp {
+            Imp::Memory(m) => m.forget(&conn.session, task_id).await,
+            Imp::Redis(r) => r.forget(&conn.session, task_id).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not forget a task");
+                false
+            }),
         };
-        match store.forget(&conn.session, task_id).await {
-            Ok(true) => self.hub.forget_remote(&conn.session, task_id),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "could not forget a task"),
+        if forgot {
+            self.fanout.forget(&conn.session, task_id);
         }
     }
-}
 
-/// Commits a step's new state, if any. Whether there was one.
-pub fn commit(tracked: &mut Tracked, next: Option<Task>) -> bool {
-    match next {
-        Some(next) => {
-            tracked.commit(next);
-            true
+    /// Tells every connection to close with `reason` (server shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        self.fanout.close_all(reason);
+    }
+
+    pub fn counts(&self) -> Counts {
+        let f = self.fanout.counts();
+        let (sessions, tasks, live_tasks) = match &self.imp {
+            Imp::Memory(m) => m.table.counts(),
+            Imp::Redis(_) => {
+                let (tasks, live) = self.fanout.task_counts();
+                (f.sessions, tasks, live)
+            }
+        };
+        Counts {
+            sessions,
+            tasks,
+            live_tasks,
+            connections: f.connections,
+            subscriptions: f.subscriptions,
+            pending_frames: f.pending_frames,
         }
-        None => false,
     }
 }

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::{SimError, SimStats, Simulator};
-use crate::backend::types::{RejectBody, RejectCode, StartRequest, StartResponse};
+use crate::task_api::{RejectBody, RejectCode, StartRequest, StartResponse};
 
 /// Seconds a client is told to wait (`Retry-After`) when the simulator is full.
 pub const RETRY_AFTER_FULL_S: u64 = 1;

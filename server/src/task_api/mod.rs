@@ -1,5 +1,5 @@
-//! The task-service API's JSON bodies (contract section 2), shared by the
-//! simulator that serves them and the HTTP adapter that speaks them.
+//! The task-service API's JSON bodies (docs/protocol.md, "The task-service
+//! API"), shared by the simulator that serves them and every adapter.
 
 use app::protocol::TaskState;
 use serde::{Deserialize, Serialize};

@@ -1,13 +1,48 @@
-//! How a task's state moves on what a poll (or a cancel) learned: pure
-//! functions over a [`Tracked`] task. The memory hub and the Redis engine
-//! share them and differ only in how they commit the result (under the
-//! hub's lock, or by compare-and-set on the task's `seq` in Redis).
+//! What a task is and how it changes: pure functions over a [`Tracked`]
+//! task (what a poll or a cancel learned → the next state and when to poll
+//! again), the poll policy and the cadence jitter. A leaf: it imports
+//! nothing of the server but the task-service shapes ([`crate::task_api`]),
+//! so both engines, the pipeline and the tests build on it.
 
-use crate::backend::{BackendError, Status};
-use crate::scheduler::policy::{Decision, Observed, PollPolicy};
+pub mod id;
+pub mod jitter;
+pub mod policy;
+
+use crate::task_api::Status;
 use app::protocol::{Task, TaskState};
+use policy::{Decision, Observed, PollPolicy};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// Why a poll got no status, as far as a task's state is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PollError {
+    /// The task service does not know the task (`404`).
+    Lost,
+    /// It could not be reached or answered out of contract: try later.
+    Unreachable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// A new task's first state (`queued`, `seq` 0) under a fresh id.
+pub fn new_task(kind: &str, params: Option<serde_json::Value>, now_ms: u64) -> Task {
+    Task {
+        id: id::new_task_id(),
+        kind: kind.to_string(),
+        state: TaskState::Queued,
+        done: 0,
+        total: None,
+        message: None,
+        result: None,
+        error: None,
+        seq: 0,
+        created_ms: now_ms,
+        updated_ms: now_ms,
+        params,
+    }
+}
 
 /// A task as the poll engine sees it: its state and what the engine
 /// remembers between polls.
@@ -108,15 +143,13 @@ impl Tracked {
     /// A failed poll: the task keeps its state and says, in `message`, that
     /// the service is unreachable and when the next try is; past the
     /// give-up time it turns `failed`. `404` turns it `failed` at once.
-    pub fn on_error(&mut self, error: &BackendError, policy: &PollPolicy, now_ms: u64) -> Step {
+    pub fn on_error(&mut self, error: &PollError, policy: &PollPolicy, now_ms: u64) -> Step {
         let (reason, retry_after) = match error {
-            BackendError::NotFound => return self.fail(LOST_TASK.into(), policy, now_ms),
-            BackendError::Unavailable {
+            PollError::Lost => return self.fail(LOST_TASK.into(), policy, now_ms),
+            PollError::Unreachable {
                 reason,
                 retry_after,
-                ..
             } => (reason.clone(), *retry_after),
-            other => (other.to_string(), None),
         };
         if self.task.state.is_final() {
             return Step {
@@ -248,8 +281,7 @@ mod tests {
     #[test]
     fn outages_say_so_back_off_and_give_up() {
         let mut t = Tracked::new(task());
-        let down = BackendError::Unavailable {
-            kind: "refused",
+        let down = PollError::Unreachable {
             reason: "connection refused".into(),
             retry_after: None,
         };
@@ -266,7 +298,7 @@ mod tests {
     #[test]
     fn a_lost_task_fails_at_once() {
         let mut t = Tracked::new(task());
-        let step = t.on_error(&BackendError::NotFound, &policy(), 5_000);
+        let step = t.on_error(&PollError::Lost, &policy(), 5_000);
         assert_eq!(step.next.unwrap().error.as_deref(), Some(LOST_TASK));
     }
 

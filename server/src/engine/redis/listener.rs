@@ -1,6 +1,7 @@
 //! A web process's subscription to task changes in Redis: every [`Event`]
-//! on [`EVENTS`] goes into the mirror hub (which keeps it only for the
-//! sessions connected here, and only when newer than what it has).
+//! on [`EVENTS`] goes into the fanout (which keeps it only for the sessions
+//! connected here, and only when newer than what it has). Finished tasks
+//! leave the fanout after the retention, from this loop's own delay queue.
 //!
 //! Pub/sub is at-most-once: what is published while the subscription is
 //! down is lost. Events carry a task's whole state, so a missed message is
@@ -10,25 +11,36 @@
 //! mirrored session again from Redis. Redis drops a subscriber only by closing its connection (e.g. its
 //! output buffer limit), which this loop sees and answers the same way.
 
-use super::store::{Event, Store, StoreError, EVENTS, RETRY_MAX, RETRY_MIN};
-use crate::hub::Hub;
+use super::keys::EVENTS;
+use super::store::{Event, Store, StoreError, RETRY_MAX, RETRY_MIN};
+use crate::engine::fanout::Fanout;
 use crate::metrics as m;
-use crate::scheduler::SchedulerHandle;
+use app::protocol::Task;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::time::DelayQueue;
 
 pub struct Listener {
     pub store: Store,
-    pub hub: Hub,
-    /// Expires finished tasks from the mirror after the retention.
-    pub scheduler: SchedulerHandle,
+    pub fanout: Fanout,
     pub retention: Duration,
+    /// `(session, task)` of finished tasks, due when they leave the fanout.
+    pub expiries: DelayQueue<(Arc<str>, Arc<str>)>,
 }
 
 impl Listener {
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub fn new(store: Store, fanout: Fanout, retention: Duration) -> Self {
+        Listener {
+            store,
+            fanout,
+            retention,
+            expiries: DelayQueue::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut retry = RETRY_MIN;
         loop {
             match self.store.subscribe(EVENTS).await {
@@ -47,6 +59,10 @@ impl Listener {
                                     Some(msg) => self.handle(msg.get_payload_bytes()).await,
                                     None => break,
                                 },
+                                Some(expired) = self.expiries.next(), if !self.expiries.is_empty() => {
+                                    let (session, task) = expired.into_inner();
+                                    self.fanout.forget(&session, &task);
+                                }
                             }
                         }
                         tracing::warn!("lost the Redis subscription; subscribing again");
@@ -63,17 +79,17 @@ impl Listener {
     }
 
     /// Reads every mirrored session again (after a subscription began).
-    async fn resync(&self) -> Result<(), StoreError> {
-        for session in self.hub.sessions() {
-            for (task, backend_id) in self.store.session_tasks(&session).await? {
-                self.apply(&session, Some(&backend_id), task).await;
+    async fn resync(&mut self) -> Result<(), StoreError> {
+        for session in self.fanout.sessions() {
+            for (task, _) in self.store.session_tasks(&session).await? {
+                self.apply(&session, &task);
             }
         }
         metrics::counter!(m::REDIS_RESYNCS).increment(1);
         Ok(())
     }
 
-    async fn handle(&self, payload: &[u8]) {
+    async fn handle(&mut self, payload: &[u8]) {
         let event: Event = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
@@ -82,29 +98,22 @@ impl Listener {
             }
         };
         if let Some(id) = &event.forget {
-            self.hub.forget_remote(&event.s, id);
+            self.fanout.forget(&event.s, id);
         }
         if let Some(task) = event.t {
             let gap = self
-                .hub
+                .fanout
                 .seq_of(&task.id)
                 .is_some_and(|seq| task.seq > seq + 1);
             let id = task.id.clone();
-            self.apply(&event.s, event.b.as_deref(), task).await;
+            self.apply(&event.s, &task);
             if gap {
                 // A message was lost. This event carries the whole state,
                 // so nothing is missing once it is applied; Redis is read
                 // all the same, in case more was lost after it.
                 metrics::counter!(m::REDIS_SEQ_GAPS).increment(1);
                 match self.store.load(&id).await {
-                    Ok(Some(stored)) => {
-                        self.apply(
-                            &stored.session,
-                            Some(&stored.backend_id),
-                            stored.tracked.task,
-                        )
-                        .await
-                    }
+                    Ok(Some(stored)) => self.apply(&stored.session, &stored.tracked.task),
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "reading a task after a seq gap failed"),
                 }
@@ -112,11 +121,10 @@ impl Listener {
         }
     }
 
-    async fn apply(&self, session: &str, backend_id: Option<&str>, task: app::protocol::Task) {
-        let id: Arc<str> = task.id.as_str().into();
-        let is_final = task.state.is_final();
-        if self.hub.apply_remote(session, backend_id, task) && is_final {
-            self.scheduler.expire_task(id, self.retention).await;
+    fn apply(&mut self, session: &str, task: &Task) {
+        if self.fanout.apply(session, task) && task.state.is_final() {
+            self.expiries
+                .insert((session.into(), task.id.as_str().into()), self.retention);
         }
     }
 }

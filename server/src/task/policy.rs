@@ -39,8 +39,33 @@ pub enum Decision {
     Expire(Duration),
     /// The task service stayed unreachable past the give-up time.
     GiveUp,
-    /// The task is gone from the hub: nothing to do.
+    /// The task is gone: nothing to do.
     Drop,
+}
+
+/// Where a task's next poll goes once a change is committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextDue {
+    /// Due at this Unix ms.
+    At(u64),
+    /// Final (or gone): out of the queue, expires after the retention.
+    Final,
+    /// Leave the queue entry as it is (a `cancel` that left the task running).
+    Keep,
+}
+
+impl Decision {
+    /// The one "next due" rule of both engines, for a poll that was due at
+    /// `due_ms` and answered at `now_ms`. Fixed cadence ticks from the due
+    /// time, so a slow answer does not push every later tick back; a missed
+    /// tick is due at once, never twice.
+    pub fn next_due(self, due_ms: u64, now_ms: u64) -> NextDue {
+        match self {
+            Decision::Poll(d) => NextDue::At(now_ms + d.as_millis() as u64),
+            Decision::Tick(i) => NextDue::At((due_ms + i.as_millis() as u64).max(now_ms)),
+            Decision::Expire(_) | Decision::GiveUp | Decision::Drop => NextDue::Final,
+        }
+    }
 }
 
 /// What the polls so far saw of a task's progress.
@@ -139,6 +164,20 @@ mod tests {
             give_up_ms: 300_000,
             retention_ms: 600_000,
         }
+    }
+
+    #[test]
+    fn the_next_due_rule_ticks_from_the_due_time() {
+        let tick = Decision::Tick(Duration::from_millis(500));
+        assert_eq!(tick.next_due(1_000, 1_100), NextDue::At(1_500));
+        // Answered after the next tick was due: at once, not twice.
+        assert_eq!(tick.next_due(1_000, 2_300), NextDue::At(2_300));
+        let poll = Decision::Poll(Duration::from_millis(200));
+        assert_eq!(poll.next_due(1_000, 1_100), NextDue::At(1_300));
+        assert_eq!(
+            Decision::Expire(Duration::ZERO).next_due(0, 5),
+            NextDue::Final
+        );
     }
 
     #[test]

@@ -1,22 +1,13 @@
-//! The Redis store of the Redis engine: keys, Lua scripts and the few
-//! commands the web and worker roles need. Every multi-key change is one
-//! script, so it is atomic; every change to a task bumps its `seq` by
-//! compare-and-set and publishes the new state on [`EVENTS`].
-//!
-//! Keys (one Redis, not a cluster: the scripts reach task keys they were not
-//! passed):
-//!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `tw:task:{id}` | hash | `task` (JSON), `seq`, `session`, `backend`, `track` (JSON), `final` |
-//! | `tw:due` | sorted set | live task ids by next due poll (Unix ms) — the delay queue |
-//! | `tw:session:{token}` | hash | `created`; exists while the session does |
-//! | `tw:session:{token}:tasks` | sorted set | the session's task ids by creation |
-//! | `tw:session:{token}:live` | set | its tasks not yet final |
-//! | `tw:session:{token}:starts` | sorted set | its starts of the last minute |
-//! | `tw:session:{token}:pending` | sorted set | its starts waiting on the task service |
+//! The Redis engine's store: the few commands and scripts the web and
+//! worker roles need. Every multi-key change is one script (`lua/`), so it
+//! is atomic; every change to a task bumps its `seq` by compare-and-set and
+//! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`] (one
+//! Redis, not a cluster: two scripts derive task keys from ids they read).
 
-use crate::hub::transition::{Track, Tracked};
+use super::keys::{self, DUE, EVENTS, TASK_PREFIX, WAKE};
+use crate::engine::admission::{Refusal, StartLimits, PENDING_STALE, START_WINDOW};
+use crate::task::policy::NextDue;
+use crate::task::{Track, Tracked};
 use app::protocol::Task;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
@@ -24,32 +15,12 @@ use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-/// Channel of task changes (`Event`s), read by every web process.
-pub const EVENTS: &str = "tw:events";
-/// Channel that wakes the workers when a task is created (due at once).
-pub const WAKE: &str = "tw:wake";
-pub const DUE: &str = "tw:due";
-
 /// Backoff of a process's retries while Redis is unreachable.
 pub const RETRY_MIN: Duration = Duration::from_millis(100);
 pub const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How long a session lives after its last use (page, connection, start).
 pub const SESSION_TTL_S: u64 = 7 * 24 * 3600;
-/// A start still pending after this long is taken for dead (its web
-/// process died) and stops counting against the session's live tasks.
-const PENDING_STALE_MS: u64 = 60_000;
-
-fn task_key(id: &str) -> String {
-    format!("tw:task:{id}")
-}
-fn session_key(token: &str) -> String {
-    format!("tw:session:{token}")
-}
-fn session_sub(token: &str, what: &str) -> String {
-    format!("tw:session:{token}:{what}")
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("taskwire's store (Redis) is unreachable: {0}")]
@@ -81,17 +52,6 @@ pub struct Stored {
     pub backend_id: String,
 }
 
-/// Where a task's next poll goes after a change is saved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NextDue {
-    /// Due at this Unix ms.
-    At(u64),
-    /// Final: out of the queue, expires after the retention.
-    Final,
-    /// Leave the queue entry as it is (a `cancel` that left it running).
-    Keep,
-}
-
 /// The outcome of a compare-and-set save.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Saved {
@@ -102,131 +62,20 @@ pub enum Saved {
     Gone,
 }
 
-static RESOLVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-return 1",
-    )
-});
+static RESOLVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/resolve.lua")));
 
-static ADMIT: LazyLock<Script> = LazyLock::new(|| {
-    // KEYS: starts, pending, live. ARGV: now, per_min, max_live, nonce, stale_before.
-    Script::new(
-        r"
-local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 1 end
-if redis.call('SCARD', KEYS[3]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 2 end
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('ZADD', KEYS[2], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], 60000)
-redis.call('PEXPIRE', KEYS[2], 120000)
-return 0",
-    )
-});
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/admit.lua")));
 
-static CREATE: LazyLock<Script> = LazyLock::new(|| {
-    // KEYS: task, due, session tasks, session live, session.
-    // ARGV: task json, session, backend, id, created ms, event, ttl.
-    Script::new(
-        r"
-redis.call('HSET', KEYS[1], 'task', ARGV[1], 'seq', 0, 'session', ARGV[2],
-  'backend', ARGV[3], 'track', '{}', 'final', 0)
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-redis.call('SADD', KEYS[4], ARGV[4])
-redis.call('HSETNX', KEYS[5], 'created', ARGV[5])
-for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
-redis.call('PUBLISH', 'tw:events', ARGV[6])
-redis.call('PUBLISH', 'tw:wake', ARGV[4])
-return 1",
-    )
-});
+static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
 
-static SAVE: LazyLock<Script> = LazyLock::new(|| {
-    // KEYS: task, due, session live.
-    // ARGV: expected seq, task json ('' = unchanged), track json,
-    //       next ('keep' | 'final' | due ms), retention s, id, event, final flag.
-    Script::new(
-        r"
-local cur = redis.call('HGET', KEYS[1], 'seq')
-if not cur then redis.call('ZREM', KEYS[2], ARGV[6]) return -1 end
-if cur ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'task', ARGV[2], 'seq', tonumber(ARGV[1]) + 1, 'final', ARGV[8])
-  redis.call('PUBLISH', 'tw:events', ARGV[7])
-end
-redis.call('HSET', KEYS[1], 'track', ARGV[3])
-if ARGV[4] == 'final' then
-  redis.call('ZREM', KEYS[2], ARGV[6])
-  redis.call('SREM', KEYS[3], ARGV[6])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-elseif ARGV[4] ~= 'keep' then
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
-end
-return 1",
-    )
-});
+static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/save.lua")));
 
-static LOAD_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    // KEYS: session tasks. Returns [task json, backend id]* oldest first,
-    // dropping the ids whose task has expired.
-    Script::new(
-        r"
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local v = redis.call('HMGET', 'tw:task:' .. id, 'task', 'backend')
-  if v[1] then
-    out[#out + 1] = v[1]
-    out[#out + 1] = v[2]
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-return out",
-    )
-});
+static LOAD_SESSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/load_session.lua")));
 
-static FORGET: LazyLock<Script> = LazyLock::new(|| {
-    // KEYS: task, session tasks. ARGV: session, id, event.
-    Script::new(
-        r"
-local v = redis.call('HMGET', KEYS[1], 'session', 'final')
-if not v[1] then redis.call('ZREM', KEYS[2], ARGV[2]) return 0 end
-if v[1] ~= ARGV[1] or v[2] ~= '1' then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('PUBLISH', 'tw:events', ARGV[3])
-return 1",
-    )
-});
+static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/forget.lua")));
 
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    // KEYS: due. ARGV: now, max, lease until. Moves each due entry to the
-    // end of its lease, so no other worker takes it; the worker's save sets
-    // the real next due time, and a dead worker's claims come due again.
-    // Returns, per claim, [id, due, task, seq, session, backend, track]
-    // (the task's fields false when it is gone), then the earliest due time
-    // left ('' if none): one round trip claims and reads.
-    Script::new(
-        r"
-local got = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-local out = {}
-for i = 1, #got, 2 do
-  redis.call('ZADD', KEYS[1], ARGV[3], got[i])
-  local v = redis.call('HMGET', 'tw:task:' .. got[i], 'task', 'seq', 'session', 'backend', 'track')
-  out[#out + 1] = got[i]
-  out[#out + 1] = got[i + 1]
-  for j = 1, 5 do out[#out + 1] = v[j] or '' end
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-out[#out + 1] = first[2] or ''
-return out",
-    )
-});
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 
 /// A connection to Redis that reconnects by itself (cheap to clone).
 #[derive(Clone)]
@@ -275,9 +124,9 @@ impl Store {
     pub async fn session_exists(&self, token: &str) -> Result<bool, StoreError> {
         let mut c = self.conn.clone();
         let found: i64 = RESOLVE
-            .key(session_key(token))
-            .key(session_sub(token, "tasks"))
-            .key(session_sub(token, "live"))
+            .key(keys::session(token))
+            .key(keys::session_sub(token, "tasks"))
+            .key(keys::session_sub(token, "live"))
             .arg(SESSION_TTL_S)
             .invoke_async(&mut c)
             .await?;
@@ -287,9 +136,9 @@ impl Store {
     pub async fn create_session(&self, token: &str, now_ms: u64) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         redis::pipe()
-            .hset(session_key(token), "created", now_ms)
+            .hset(keys::session(token), "created", now_ms)
             .ignore()
-            .expire(session_key(token), SESSION_TTL_S as i64)
+            .expire(keys::session(token), SESSION_TTL_S as i64)
             .ignore()
             .query_async::<()>(&mut c)
             .await?;
@@ -303,34 +152,34 @@ impl Store {
         session: &str,
         nonce: &str,
         now_ms: u64,
-        per_min: u64,
-        max_live: u64,
-    ) -> Result<Option<String>, StoreError> {
+        limits: StartLimits,
+    ) -> Result<Result<(), Refusal>, StoreError> {
         let mut c = self.conn.clone();
+        let pending_stale_ms = PENDING_STALE.as_millis() as u64;
         let verdict: i64 = ADMIT
-            .key(session_sub(session, "starts"))
-            .key(session_sub(session, "pending"))
-            .key(session_sub(session, "live"))
+            .key(keys::session_sub(session, "starts"))
+            .key(keys::session_sub(session, "pending"))
+            .key(keys::session_sub(session, "live"))
             .arg(now_ms)
-            .arg(per_min)
-            .arg(max_live)
+            .arg(limits.per_window)
+            .arg(limits.max_live)
             .arg(nonce)
-            .arg(now_ms.saturating_sub(PENDING_STALE_MS))
+            .arg(now_ms.saturating_sub(pending_stale_ms))
+            .arg(START_WINDOW.as_millis() as u64)
+            .arg(2 * pending_stale_ms)
             .invoke_async(&mut c)
             .await?;
         Ok(match verdict {
-            0 => None,
-            1 => Some(format!("at most {per_min} tasks may be started per minute")),
-            _ => Some(format!(
-                "at most {max_live} tasks may run at once in a session"
-            )),
+            0 => Ok(()),
+            1 => Err(Refusal::PerMinute(limits.per_window)),
+            _ => Err(Refusal::Live(limits.max_live)),
         })
     }
 
     pub async fn start_done(&self, session: &str, nonce: &str) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         redis::cmd("ZREM")
-            .arg(session_sub(session, "pending"))
+            .arg(keys::session_sub(session, "pending"))
             .arg(nonce)
             .query_async::<()>(&mut c)
             .await?;
@@ -353,11 +202,11 @@ impl Store {
         };
         let mut c = self.conn.clone();
         CREATE
-            .key(task_key(&task.id))
+            .key(keys::task(&task.id))
             .key(DUE)
-            .key(session_sub(session, "tasks"))
-            .key(session_sub(session, "live"))
-            .key(session_key(session))
+            .key(keys::session_sub(session, "tasks"))
+            .key(keys::session_sub(session, "live"))
+            .key(keys::session(session))
             .arg(to_json(task))
             .arg(session)
             .arg(backend_id)
@@ -365,6 +214,8 @@ impl Store {
             .arg(task.created_ms)
             .arg(to_json(&event))
             .arg(SESSION_TTL_S)
+            .arg(EVENTS)
+            .arg(WAKE)
             .invoke_async::<i64>(&mut c)
             .await?;
         Ok(())
@@ -374,7 +225,8 @@ impl Store {
     pub async fn session_tasks(&self, session: &str) -> Result<Vec<(Task, String)>, StoreError> {
         let mut c = self.conn.clone();
         let flat: Vec<String> = LOAD_SESSION
-            .key(session_sub(session, "tasks"))
+            .key(keys::session_sub(session, "tasks"))
+            .arg(TASK_PREFIX)
             .invoke_async(&mut c)
             .await?;
         flat.chunks_exact(2)
@@ -385,7 +237,7 @@ impl Store {
     pub async fn load(&self, task_id: &str) -> Result<Option<Stored>, StoreError> {
         let mut c = self.conn.clone();
         let row: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(task_key(task_id))
+            .arg(keys::task(task_id))
             .arg(&["task", "seq", "session", "backend", "track"])
             .query_async(&mut c)
             .await?;
@@ -423,9 +275,9 @@ impl Store {
         };
         let mut c = self.conn.clone();
         let outcome: i64 = SAVE
-            .key(task_key(&task.id))
+            .key(keys::task(&task.id))
             .key(DUE)
-            .key(session_sub(&stored.session, "live"))
+            .key(keys::session_sub(&stored.session, "live"))
             .arg(loaded_seq)
             .arg(task_json)
             .arg(to_json(&stored.tracked.track))
@@ -434,6 +286,7 @@ impl Store {
             .arg(&task.id)
             .arg(event)
             .arg(if task.state.is_final() { "1" } else { "0" })
+            .arg(EVENTS)
             .invoke_async(&mut c)
             .await?;
         Ok(match outcome {
@@ -453,11 +306,12 @@ impl Store {
         };
         let mut c = self.conn.clone();
         let done: i64 = FORGET
-            .key(task_key(task_id))
-            .key(session_sub(session, "tasks"))
+            .key(keys::task(task_id))
+            .key(keys::session_sub(session, "tasks"))
             .arg(session)
             .arg(task_id)
             .arg(to_json(&event))
+            .arg(EVENTS)
             .invoke_async(&mut c)
             .await?;
         Ok(done == 1)
@@ -477,6 +331,7 @@ impl Store {
             .arg(now_ms)
             .arg(max)
             .arg(lease_until_ms)
+            .arg(TASK_PREFIX)
             .invoke_async(&mut c)
             .await?;
         let next_due = flat.pop().and_then(|s| parse_score(&s));

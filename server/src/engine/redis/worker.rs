@@ -11,16 +11,12 @@
 //! task wakes it (`tw:wake`), or a poll of its own finishes while its pool
 //! was full.
 
-use super::store::{Claim, Claimed, NextDue, Saved, Store, StoreError, RETRY_MAX, RETRY_MIN, WAKE};
-use super::{commit, CAS_TRIES};
-use crate::backend::Backend;
-use crate::clock::Clock;
+use super::keys::WAKE;
+use super::store::{Claim, Claimed, Store, StoreError, RETRY_MAX, RETRY_MIN};
+use super::RedisEngine;
+use crate::engine::pipeline::{Limits, Pipeline, PollCtx};
 use crate::metrics as m;
-use crate::rate::TokenBucket;
-use crate::scheduler::policy::{Decision, PollPolicy};
-use crate::scheduler::{seed, unit_jitter, Limits, SchedulerStats};
 use futures::StreamExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -36,12 +32,9 @@ const CLAIM_BATCH: usize = 256;
 const LEASE_MARGIN_MS: u64 = 2_000;
 
 pub struct Worker {
-    pub store: Store,
-    pub backend: Backend,
-    pub policy: Arc<PollPolicy>,
+    pub engine: RedisEngine,
+    pub ctx: Arc<PollCtx>,
     pub limits: Limits,
-    pub clock: Clock,
-    pub stats: Arc<SchedulerStats>,
     /// The task service's request timeout: a poll never outlives its lease.
     pub backend_timeout: Duration,
 }
@@ -53,24 +46,18 @@ impl Worker {
 
     /// Runs until `shutdown` turns true, then lets the polls in flight finish.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let store = self.engine.store.clone();
         let wake = Arc::new(Notify::new());
         let wake_task = tokio::spawn(wake_on_new_tasks(
-            self.store.clone(),
+            store.clone(),
             wake.clone(),
             shutdown.clone(),
         ));
         let lease_ms = self.lease_ms();
         let max_in_flight = self.limits.max_in_flight.max(1);
-        let mut bucket = (self.limits.max_polls_per_s > 0).then(|| {
-            TokenBucket::new(
-                self.limits.max_polls_per_s,
-                self.limits.max_polls_per_s / 10,
-            )
-        });
-        let started = Instant::now();
-        let mut rng = seed();
-        // The polls in flight share the worker.
-        let this = Arc::new(self);
+        let mut pipeline = Pipeline::new(self.ctx.clone(), &self.limits);
+        let clock = self.ctx.clock;
+        let engine = self.engine;
         let mut in_flight: JoinSet<()> = JoinSet::new();
         let mut retry = RETRY_MIN;
         let mut depth_read = Instant::now();
@@ -78,45 +65,42 @@ impl Worker {
             while in_flight.try_join_next().is_some() {}
             if depth_read.elapsed() >= m::UPKEEP_INTERVAL {
                 depth_read = Instant::now();
-                if let Ok(depth) = this.store.queue_len().await {
+                if let Ok(depth) = store.queue_len().await {
                     metrics::gauge!(m::REDIS_QUEUE_DEPTH).set(depth as f64);
                 }
             }
             let free = max_in_flight.saturating_sub(in_flight.len());
             let mut sleep = MAX_SLEEP;
             if free > 0 {
-                let now = this.clock.now_ms();
+                let now = clock.now_ms();
                 let batch = free.min(CLAIM_BATCH);
-                match this.store.claim(now, batch, now + lease_ms).await {
+                match store.claim(now, batch, now + lease_ms).await {
                     Ok(Claimed { due, next_due }) => {
                         retry = RETRY_MIN;
                         let full = due.len() == batch;
                         for claim in due {
-                            let Claim { ref id, due_ms, .. } = claim;
-                            if let Some(bucket) = &mut bucket {
-                                let at = started.elapsed().as_secs_f64() * 1000.0;
-                                if let Err(wait) = bucket.take(at) {
-                                    this.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                            let jitter = match pipeline.admit(claim.due_ms) {
+                                Ok(jitter) => jitter,
+                                Err(wait) => {
                                     let later = now + wait.as_millis() as u64;
-                                    if let Err(e) = this.store.defer(id, later).await {
+                                    if let Err(e) = store.defer(&claim.id, later).await {
                                         redis_error("defer", &e);
                                     }
                                     continue;
                                 }
-                            }
-                            let lateness = Duration::from_millis(now.saturating_sub(due_ms));
-                            this.stats.polls.fetch_add(1, Ordering::Relaxed);
-                            this.stats.lateness.record(lateness);
-                            this.stats.lateness_seconds.record(lateness.as_secs_f64());
-                            let jitter = unit_jitter(&mut rng);
-                            in_flight.spawn(poll(this.clone(), claim, jitter));
+                            };
+                            in_flight.spawn(poll(
+                                engine.clone(),
+                                pipeline.ctx().clone(),
+                                claim,
+                                jitter,
+                            ));
                         }
                         if full {
                             continue;
                         }
                         sleep = next_due.map_or(MAX_SLEEP, |due| {
-                            Duration::from_millis(due.saturating_sub(this.clock.now_ms()))
-                                .min(MAX_SLEEP)
+                            Duration::from_millis(due.saturating_sub(clock.now_ms())).min(MAX_SLEEP)
                         });
                     }
                     Err(e) => {
@@ -141,70 +125,35 @@ impl Worker {
     }
 }
 
-/// One claimed poll: read the task, ask the task service, save the outcome
-/// (retrying when a `cancel` changed the task meanwhile). A failure to
-/// reach Redis leaves the claim to run out; the task comes due again then.
-async fn poll(ctx: Arc<Worker>, claim: Claim, jitter: f64) {
-    let policy = &ctx.policy;
+/// One claimed poll through the pipeline, committed by compare-and-set
+/// from the state the claim read. A failure to reach Redis leaves the claim
+/// to run out; the task comes due again then.
+async fn poll(engine: RedisEngine, ctx: Arc<PollCtx>, claim: Claim, jitter: f64) {
     let Claim { id, due_ms, stored } = claim;
-    let mut stored = match stored {
+    let stored = match stored {
         Ok(Some(stored)) => stored,
-        Ok(None) => return drop_gone(&ctx, &id).await,
+        Ok(None) => return drop_gone(&engine.store, &id).await,
         Err(e) => return redis_error("load", &e),
     };
-    let answer = if stored.tracked.task.state.is_final() {
-        None
-    } else {
-        let began = Instant::now();
-        let answer = ctx.backend.status(&stored.backend_id).await;
-        ctx.stats.poll_seconds.record(began.elapsed().as_secs_f64());
-        if let Err(e) = &answer {
-            ctx.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::BACKEND_ERRORS, "kind" => e.kind()).increment(1);
-        }
-        Some(answer)
-    };
-    for _ in 0..CAS_TRIES {
-        let loaded_seq = stored.tracked.task.seq;
-        let now = ctx.clock.now_ms();
-        let step = match &answer {
-            _ if stored.tracked.task.state.is_final() => crate::hub::transition::Step {
-                next: None,
-                decision: policy.after_success(true),
-            },
-            Some(Ok(status)) => stored.tracked.on_status(status, policy, now, jitter),
-            Some(Err(e)) => stored.tracked.on_error(e, policy, now),
-            None => unreachable!("a live task always has an answer"),
-        };
-        let changed = commit(&mut stored.tracked, step.next);
-        let next = match step.decision {
-            Decision::Poll(d) => NextDue::At(now + d.as_millis() as u64),
-            Decision::Tick(i) => NextDue::At((due_ms + i.as_millis() as u64).max(now)),
-            Decision::Expire(_) | Decision::GiveUp | Decision::Drop => NextDue::Final,
-        };
-        let retention_s = policy.retention_ms / 1000;
-        match ctx
-            .store
-            .save(&stored, loaded_seq, changed, next, retention_s)
-            .await
-        {
-            Ok(Saved::Conflict) => {
-                metrics::counter!(m::REDIS_CAS_CONFLICTS).increment(1);
-                match ctx.store.load(&id).await {
-                    Ok(Some(again)) => stored = again,
-                    Ok(None) => return drop_gone(&ctx, &id).await,
-                    Err(e) => return redis_error("load", &e),
-                }
-            }
-            Ok(Saved::Done | Saved::Gone) => return,
-            Err(e) => return redis_error("save", &e),
-        }
+    let backend_id = (!stored.tracked.task.state.is_final()).then(|| stored.backend_id.clone());
+    let polled = ctx
+        .poll(
+            &engine,
+            &id,
+            Some(stored),
+            backend_id.as_deref(),
+            due_ms,
+            jitter,
+        )
+        .await;
+    if let Err(e) = polled {
+        redis_error("save", &e);
     }
 }
 
 /// A queued id whose task is gone (forgotten, or expired): out of the queue.
-async fn drop_gone(ctx: &Worker, id: &str) {
-    if let Err(e) = ctx.store.remove_due(id).await {
+async fn drop_gone(store: &Store, id: &str) {
+    if let Err(e) = store.remove_due(id).await {
         redis_error("remove", &e);
     }
 }

@@ -1,15 +1,17 @@
-//! `GET /ws`: one client connection. The reader parses each frame and acts
-//! on it; the writer drains the connection's outbox, pings, and gives up on
-//! a peer that is silent or does not read. Requests that wait on the task
-//! service run as their own tasks, bounded per connection, so a slow backend
-//! never stalls the reader.
+//! `GET /ws`: one client connection. The reader parses each frame,
+//! rate-limits it and asks the engine; the writer drains the connection's
+//! outbox, pings, and gives up on a peer that is silent or does not read.
+//! Requests that wait on the task service (`start`, `cancel`) run as their
+//! own tasks, bounded per connection, so a slow backend never stalls the
+//! reader.
 
-use crate::backend::BackendError;
+use super::session::Session;
 use crate::config::ClientLimits;
-use crate::hub::{CancelTarget, CloseReason, Conn, Next};
+use crate::engine::admission::StartLimits;
+use crate::engine::fanout::{CloseReason, Conn, Next};
+use crate::engine::{CancelTarget, Engine, Refused};
 use crate::metrics as m;
 use crate::rate::TokenBucket;
-use crate::session::Session;
 use crate::AppState;
 use app::protocol::{ClientMsg, ErrorCode, Rejection, ServerMsg};
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -103,7 +105,7 @@ async fn run(
     let mut writer = tokio::spawn(write_loop(
         sink,
         conn.clone(),
-        state.hub.clone(),
+        state.engine.clone(),
         state.config.limits.clone(),
     ));
 
@@ -116,7 +118,7 @@ async fn run(
             _ = &mut writer => break,
             frame = stream.next() => {
                 let Some(frame) = frame else { break };
-                conn.last_seen_ms.store(state.hub.now_ms(), Ordering::Relaxed);
+                conn.last_seen_ms.store(state.engine.now_ms(), Ordering::Relaxed);
                 let frame = match frame {
                     Ok(frame) => frame,
                     Err(e) => {
@@ -153,10 +155,7 @@ async fn run(
             }
         }
     }
-    state
-        .engine
-        .disconnect(&conn, Duration::from_secs(state.config.retention_s))
-        .await;
+    state.engine.disconnect(&conn).await;
     writer.abort();
     connections.decrement(1.0);
 }
@@ -167,7 +166,7 @@ type Sink = SplitSink<WebSocket, Message>;
 /// closes a peer that is silent past `ping_timeout_s` or whose writes stay
 /// blocked past `slow_client_timeout_s` (a sleep until the next ping, not an
 /// interval: it is one per connection and restarts after each ping).
-async fn write_loop(mut sink: Sink, conn: Arc<Conn>, hub: crate::hub::Hub, limits: ClientLimits) {
+async fn write_loop(mut sink: Sink, conn: Arc<Conn>, engine: Engine, limits: ClientLimits) {
     let outbox = &conn.outbox;
     let sent = metrics::counter!(m::MESSAGES_SENT);
     let slow = Duration::from_secs(limits.slow_client_timeout_s.max(1));
@@ -207,7 +206,7 @@ async fn write_loop(mut sink: Sink, conn: Arc<Conn>, hub: crate::hub::Hub, limit
                 tokio::select! {
                     _ = outbox.notified() => {}
                     _ = tokio::time::sleep_until(next_ping) => {
-                        let silent_ms = hub
+                        let silent_ms = engine
                             .now_ms()
                             .saturating_sub(conn.last_seen_ms.load(Ordering::Relaxed));
                         if silent_ms > limits.ping_timeout_s * 1000 {
@@ -257,17 +256,15 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
         Ok(msg) => msg,
         Err(rejection) => return reply(conn, rejection.into()),
     };
+    let engine = &state.engine;
     match msg {
         ClientMsg::Subscribe { task } => {
-            if state.engine.subscribe(conn, &task).await.is_err() {
+            if engine.subscribe(conn, &task).await.is_err() {
                 reply(conn, not_found(None, &task));
             }
         }
-        ClientMsg::Unsubscribe { task } => state.engine.unsubscribe(conn, &task),
-        ClientMsg::Forget { task } => {
-            let retention = Duration::from_secs(state.config.retention_s);
-            state.engine.forget(conn, &task, retention).await;
-        }
+        ClientMsg::Unsubscribe { task } => engine.unsubscribe(conn, &task),
+        ClientMsg::Forget { task } => engine.forget(conn, &task).await,
         ClientMsg::Start {
             reference,
             kind,
@@ -285,33 +282,31 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
                     ),
                 );
             }
-            let ticket = match state
-                .engine
-                .admit_start(
-                    conn,
-                    limits.max_starts_per_min,
-                    limits.max_live_tasks_per_session,
-                )
-                .await
-            {
+            let start_limits = StartLimits {
+                per_window: limits.max_starts_per_min,
+                max_live: limits.max_live_tasks_per_session,
+            };
+            let ticket = match engine.admit_start(conn, start_limits).await {
                 Ok(ticket) => ticket,
-                Err((code, why)) => {
-                    return reply(conn, ServerMsg::error(Some(reference), code, why))
-                }
+                Err(refused) => return reply(conn, error(Some(reference), refused)),
             };
             let Ok(permit) = requests.clone().try_acquire_owned() else {
-                state.engine.start_done(conn, ticket).await;
+                engine.release(conn, ticket).await;
                 return reply(conn, busy(Some(reference)));
             };
-            let (state, conn) = (state.clone(), conn.clone());
+            let (engine, conn) = (engine.clone(), conn.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                start(&state, &conn, reference, &kind, params).await;
-                state.engine.start_done(&conn, ticket).await;
+                let started = engine
+                    .start(&conn, ticket, reference.clone(), &kind, params)
+                    .await;
+                if let Err(refused) = started {
+                    reply(&conn, error(Some(reference), refused));
+                }
             });
         }
         ClientMsg::Cancel { reference, task } => {
-            let target = match state.engine.cancel_target(conn, &task).await {
+            let backend_id = match engine.cancel_target(conn, &task).await {
                 Ok(CancelTarget::AlreadyFinal) => return,
                 Ok(CancelTarget::Backend(backend_id)) => backend_id,
                 Err(_) => return reply(conn, not_found(reference, &task)),
@@ -319,64 +314,19 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
             let Ok(permit) = requests.clone().try_acquire_owned() else {
                 return reply(conn, busy(reference));
             };
-            let (state, conn) = (state.clone(), conn.clone());
+            let (engine, conn) = (engine.clone(), conn.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                cancel(&state, &conn, reference, &task, &target).await;
+                if let Err(refused) = engine.cancel(&conn, &task, &backend_id).await {
+                    reply(&conn, error(reference, refused));
+                }
             });
         }
     }
 }
 
-async fn start(
-    state: &AppState,
-    conn: &Conn,
-    reference: String,
-    kind: &str,
-    params: serde_json::Value,
-) {
-    match state.backend.start(kind, &params).await {
-        Ok(backend_id) => {
-            if let Err(e) = state
-                .engine
-                .create_task(conn, reference.clone(), kind, Some(params), &backend_id)
-                .await
-            {
-                tracing::warn!(error = %e, "a started task could not be recorded");
-                // Nobody would ever see it: stop it (best effort).
-                let _ = state.backend.cancel(&backend_id).await;
-                reply(
-                    conn,
-                    ServerMsg::error(
-                        Some(reference),
-                        ErrorCode::BackendUnavailable,
-                        e.to_string(),
-                    ),
-                );
-            }
-        }
-        Err(e) => reply(conn, backend_error(Some(reference), e)),
-    }
-}
-
-async fn cancel(
-    state: &AppState,
-    conn: &Conn,
-    reference: Option<String>,
-    task: &str,
-    backend_id: &str,
-) {
-    let answer = match state.backend.cancel(backend_id).await {
-        Ok(status) => Ok(status),
-        Err(BackendError::NotFound) => Err(BackendError::NotFound),
-        Err(e) => return reply(conn, backend_error(reference, e)),
-    };
-    if let Err(e) = state.engine.apply_cancel(conn, task, answer).await {
-        reply(
-            conn,
-            ServerMsg::error(reference, ErrorCode::BackendUnavailable, e.to_string()),
-        );
-    }
+fn error(reference: Option<String>, refused: Refused) -> ServerMsg {
+    ServerMsg::error(reference, refused.code, refused.message)
 }
 
 fn not_found(reference: Option<String>, task: &str) -> ServerMsg {
@@ -393,16 +343,4 @@ fn busy(reference: Option<String>) -> ServerMsg {
         ErrorCode::RateLimited,
         format!("at most {MAX_REQUESTS_IN_FLIGHT} start/cancel requests may wait on the task service at once"),
     )
-}
-
-fn backend_error(reference: Option<String>, e: BackendError) -> ServerMsg {
-    let code = match &e {
-        BackendError::Rejected { code, .. } => *code,
-        BackendError::Unavailable { .. } => ErrorCode::BackendUnavailable,
-        BackendError::NotFound | BackendError::Protocol(_) => ErrorCode::Internal,
-    };
-    if code == ErrorCode::Internal {
-        tracing::warn!(error = %e, "task service answered out of contract");
-    }
-    ServerMsg::error(reference, code, e.to_string())
 }

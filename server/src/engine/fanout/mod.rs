@@ -1,0 +1,465 @@
+//! The fanout: this process's connections, which task each one watches, and
+//! the latest state of every task of a connected session, serialised once
+//! and pushed to its subscribers' outboxes. Both engines use it the same
+//! way: they hold the truth (the memory table, or Redis) and [`Fanout::apply`]
+//! each change here; a session is held only while a connection of it is
+//! open or being set up, so the fanout never grows with sessions nobody
+//! watches.
+
+pub mod outbox;
+
+use crate::clock::Clock;
+use app::protocol::{ServerMsg, Task, TaskMsgRef, PROTOCOL_VERSION};
+use axum::extract::ws::Utf8Bytes;
+pub use outbox::{CloseReason, Next, Outbox};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub type ConnId = u64;
+
+/// Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Fanout {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// One lock for sessions, tasks and subscriptions: every operation is a
+    /// few map lookups and never awaits, so a `std::sync::Mutex` is cheaper
+    /// than anything async and keeps "snapshot + subscribe" atomic.
+    state: Mutex<State>,
+    clock: Clock,
+    next_conn: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<Arc<str>, SessionEntry>,
+    tasks: HashMap<Arc<str>, TaskEntry>,
+    conns: HashMap<ConnId, Arc<Outbox>>,
+}
+
+#[derive(Default)]
+struct SessionEntry {
+    /// The session's tasks held here, oldest first.
+    tasks: Vec<Arc<str>>,
+    conns: u32,
+    /// Connections being set up (their session's tasks being loaded).
+    held: u32,
+}
+
+struct TaskEntry {
+    /// `task.id`, shared with the outboxes that key their updates by it.
+    id: Arc<str>,
+    task: Task,
+    /// `{"type":"task",...}` of the current state, serialised once.
+    frame: Utf8Bytes,
+    session: Arc<str>,
+    subscribers: Vec<(ConnId, Arc<Outbox>)>,
+}
+
+/// One WebSocket connection as the engine knows it.
+pub struct Conn {
+    pub id: ConnId,
+    pub session: Arc<str>,
+    pub outbox: Arc<Outbox>,
+    /// When the peer last sent anything, pongs included (Unix ms).
+    pub last_seen_ms: AtomicU64,
+}
+
+/// The fanout's sizes, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FanoutCounts {
+    /// Sessions with a connection here (or one being set up).
+    pub sessions: usize,
+    pub tasks: usize,
+    pub connections: usize,
+    pub subscriptions: usize,
+    /// Frames waiting in all outboxes (bounded by subscriptions + replies).
+    pub pending_frames: usize,
+}
+
+/// The task id was not found *in this session* (whether it exists elsewhere
+/// is never revealed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotFound;
+
+fn task_frame(task: &Task) -> Utf8Bytes {
+    Utf8Bytes::from(serde_json::to_string(&TaskMsgRef { task }).expect("a Task always serialises"))
+}
+
+impl Fanout {
+    pub fn new(clock: Clock) -> Self {
+        Fanout {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                clock,
+                next_conn: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// A connection of `session` is being set up: changes to its tasks are
+    /// kept from now on (see [`Fanout::apply`]).
+    pub fn hold(&self, session: &Arc<str>) {
+        self.lock()
+            .sessions
+            .entry(session.clone())
+            .or_default()
+            .held += 1;
+    }
+
+    /// The set-up [`Fanout::hold`] began is over.
+    pub fn unhold(&self, session: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if let Some(e) = s.sessions.get_mut(session) {
+            e.held = e.held.saturating_sub(1);
+        }
+        release_if_unused(s, session);
+    }
+
+    /// Registers a connection of `session` (held by the caller), queues its
+    /// `welcome` (every task of the session held here) and subscribes it to
+    /// all of them, atomically, so no update falls between the snapshot and
+    /// the subscription.
+    pub fn connect(&self, session: Arc<str>) -> Conn {
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let outbox = Outbox::new();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let entry = s.sessions.entry(session.clone()).or_default();
+        entry.conns += 1;
+        let mut tasks = Vec::with_capacity(entry.tasks.len());
+        for tid in &entry.tasks {
+            if let Some(t) = s.tasks.get_mut(tid) {
+                t.subscribers.push((id, outbox.clone()));
+                tasks.push(t.task.clone());
+            }
+        }
+        s.conns.insert(id, outbox.clone());
+        let welcome = ServerMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            session: session.to_string(),
+            tasks,
+        };
+        outbox.push_reply(welcome.to_json().into());
+        Conn {
+            id,
+            session,
+            outbox,
+            last_seen_ms: AtomicU64::new(self.now_ms()),
+        }
+    }
+
+    /// Forgets a connection and its subscriptions; the session and its
+    /// tasks go too when no other connection of it is left. Whether the
+    /// session had no other connection.
+    pub fn disconnect(&self, conn: &Conn) -> bool {
+        conn.outbox.close(CloseReason::Gone);
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.conns.remove(&conn.id);
+        let Some(entry) = s.sessions.get_mut(&conn.session) else {
+            return true;
+        };
+        entry.conns = entry.conns.saturating_sub(1);
+        let last = entry.conns == 0;
+        for tid in &entry.tasks {
+            if let Some(t) = s.tasks.get_mut(tid) {
+                t.subscribers.retain(|(c, _)| *c != conn.id);
+            }
+        }
+        release_if_unused(s, &conn.session);
+        last
+    }
+
+    /// Whether a connection of `session` is open here.
+    pub fn is_connected(&self, session: &str) -> bool {
+        self.lock()
+            .sessions
+            .get(session)
+            .is_some_and(|e| e.conns > 0)
+    }
+
+    /// A task's state from the engine's truth. Kept only for a session held
+    /// here, and only when newer than what is here (a late or repeated
+    /// change can never move a task back); fanned out when kept. Returns
+    /// whether it was applied.
+    pub fn apply(&self, session: &str, task: &Task) -> bool {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some((session, entry)) = s.sessions.get_key_value_mut_compat(session) else {
+            return false;
+        };
+        if let Some(t) = s.tasks.get_mut(task.id.as_str()) {
+            if task.seq <= t.task.seq {
+                return false;
+            }
+            t.task = task.clone();
+            publish(t);
+            return true;
+        }
+        let id: Arc<str> = task.id.as_str().into();
+        entry.tasks.push(id.clone());
+        s.tasks.insert(
+            id.clone(),
+            TaskEntry {
+                id,
+                frame: task_frame(task),
+                task: task.clone(),
+                session,
+                subscribers: Vec::new(),
+            },
+        );
+        true
+    }
+
+    /// A task `conn` just started: queues `accepted` to it, then subscribes
+    /// it. When a newer state got here first (its first poll was quick),
+    /// that state follows the `accepted`.
+    pub fn accepted(&self, conn: &Conn, reference: String, task: &Task) {
+        let accepted = ServerMsg::Accepted {
+            reference,
+            task: task.clone(),
+        };
+        conn.outbox.push_reply(accepted.to_json().into());
+        self.apply(&conn.session, task);
+        let mut s = self.lock();
+        if let Some(t) = s.tasks.get_mut(task.id.as_str()) {
+            if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
+                t.subscribers.push((conn.id, conn.outbox.clone()));
+            }
+            if t.task.seq > task.seq {
+                conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+            }
+        }
+    }
+
+    /// The sessions held here (to read again after a feed of changes was lost).
+    pub fn sessions(&self) -> Vec<Arc<str>> {
+        self.lock().sessions.keys().cloned().collect()
+    }
+
+    /// The `seq` held here for a task, if it is held.
+    pub fn seq_of(&self, task_id: &str) -> Option<u64> {
+        self.lock().tasks.get(task_id).map(|t| t.task.seq)
+    }
+
+    /// A task was forgotten or expired: dropped here too (if `session` owns it).
+    pub fn forget(&self, session: &str, task_id: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if s.tasks.get(task_id).is_some_and(|t| &*t.session == session) {
+            s.tasks.remove(task_id);
+            if let Some(e) = s.sessions.get_mut(session) {
+                e.tasks.retain(|id| &**id != task_id);
+            }
+        }
+    }
+
+    /// Subscribes `conn` to a task of its session and queues the current state.
+    pub fn subscribe(&self, conn: &Conn, task_id: &str) -> Result<(), NotFound> {
+        let mut s = self.lock();
+        let t = s
+            .tasks
+            .get_mut(task_id)
+            .filter(|t| t.session == conn.session)
+            .ok_or(NotFound)?;
+        if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
+            t.subscribers.push((conn.id, conn.outbox.clone()));
+        }
+        conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+        Ok(())
+    }
+
+    /// Stops sending a task's updates to `conn`. Unknown tasks are ignored
+    /// (`unsubscribe` has no reply).
+    pub fn unsubscribe(&self, conn: &Conn, task_id: &str) {
+        let mut s = self.lock();
+        if let Some(t) = s
+            .tasks
+            .get_mut(task_id)
+            .filter(|t| t.session == conn.session)
+        {
+            t.subscribers.retain(|(c, _)| *c != conn.id);
+        }
+    }
+
+    /// Queues a task's current state to `conn`; with `unless_subscribed`,
+    /// only when it does not get it through the fan-out already.
+    pub fn send_state_to(&self, conn: &Conn, task_id: &str, unless_subscribed: bool) {
+        let s = self.lock();
+        if let Some(t) = s.tasks.get(task_id).filter(|t| t.session == conn.session) {
+            if !(unless_subscribed && t.subscribers.iter().any(|(c, _)| *c == conn.id)) {
+                conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+            }
+        }
+    }
+
+    /// Tells every connection to close with `reason` (server shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        for outbox in self.lock().conns.values() {
+            outbox.close(reason);
+        }
+    }
+
+    pub fn counts(&self) -> FanoutCounts {
+        let s = self.lock();
+        FanoutCounts {
+            sessions: s.sessions.len(),
+            tasks: s.tasks.len(),
+            connections: s.conns.len(),
+            subscriptions: s.tasks.values().map(|t| t.subscribers.len()).sum(),
+            pending_frames: s.conns.values().map(|o| o.len()).sum(),
+        }
+    }
+
+    /// The tasks held here and whether each is live (for the Redis web
+    /// role's gauges).
+    pub fn task_counts(&self) -> (usize, usize) {
+        let s = self.lock();
+        let live = s
+            .tasks
+            .values()
+            .filter(|t| !t.task.state.is_final())
+            .count();
+        (s.tasks.len(), live)
+    }
+
+    /// A copy of one task held here (for tests).
+    pub fn task(&self, task_id: &str) -> Option<Task> {
+        self.lock().tasks.get(task_id).map(|t| t.task.clone())
+    }
+}
+
+/// Forgets a session (and its tasks) that has no connection here and none
+/// being set up.
+fn release_if_unused(s: &mut State, session: &str) {
+    if s.sessions
+        .get(session)
+        .is_some_and(|e| e.conns == 0 && e.held == 0)
+    {
+        if let Some(e) = s.sessions.remove(session) {
+            for id in &e.tasks {
+                s.tasks.remove(id);
+            }
+        }
+    }
+}
+
+/// `get_key_value` with a mutable value: the shared key and the entry.
+trait GetKeyValueMut<V> {
+    fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Arc<str>, &mut V)>;
+}
+
+impl<V> GetKeyValueMut<V> for HashMap<Arc<str>, V> {
+    fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Arc<str>, &mut V)> {
+        let k = self.get_key_value(key)?.0.clone();
+        self.get_mut(key).map(|v| (k, v))
+    }
+}
+
+/// Sends the task's (new) current state: one serialisation, fan-out.
+fn publish(t: &mut TaskEntry) {
+    t.frame = task_frame(&t.task);
+    for (_, outbox) in &t.subscribers {
+        outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use app::protocol::TaskState;
+
+    fn task(id: &str, seq: u64, state: TaskState) -> Task {
+        Task {
+            id: id.into(),
+            kind: "simulate".into(),
+            state,
+            done: seq,
+            total: Some(10),
+            message: None,
+            result: None,
+            error: None,
+            seq,
+            created_ms: 1,
+            updated_ms: 1,
+            params: None,
+        }
+    }
+
+    fn frames(conn: &Conn) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Next::Frame(f) = conn.outbox.pop() {
+            out.push(f.to_string());
+        }
+        out
+    }
+
+    #[test]
+    fn keeps_only_held_sessions_and_newer_states() {
+        let fanout = Fanout::new(Clock::new());
+        let s: Arc<str> = "a".repeat(32).into();
+        // Not held: ignored.
+        assert!(!fanout.apply(&s, &task("t1", 1, TaskState::Running)));
+        fanout.hold(&s);
+        assert!(fanout.apply(&s, &task("t1", 2, TaskState::Running)));
+        let conn = fanout.connect(s.clone());
+        fanout.unhold(&s);
+        assert!(frames(&conn)[0].contains("\"welcome\""));
+        // Older or equal: ignored; newer: fanned out.
+        assert!(!fanout.apply(&s, &task("t1", 2, TaskState::Running)));
+        assert!(!fanout.apply(&s, &task("t1", 1, TaskState::Running)));
+        assert!(fanout.apply(&s, &task("t1", 4, TaskState::Succeeded)));
+        let sent = frames(&conn);
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].contains("\"seq\":4"));
+        assert_eq!(fanout.seq_of("t1"), Some(4));
+        // The last connection gone: the session and its tasks are let go.
+        assert!(fanout.disconnect(&conn));
+        assert_eq!(fanout.counts().sessions, 0);
+        assert_eq!(fanout.counts().tasks, 0);
+    }
+
+    #[test]
+    fn forget_drops_only_the_owner_s_task() {
+        let fanout = Fanout::new(Clock::new());
+        let s: Arc<str> = "b".repeat(32).into();
+        fanout.hold(&s);
+        fanout.apply(&s, &task("t1", 3, TaskState::Succeeded));
+        fanout.forget(&"c".repeat(32), "t1");
+        assert_eq!(fanout.seq_of("t1"), Some(3));
+        fanout.forget(&s, "t1");
+        assert_eq!(fanout.seq_of("t1"), None);
+        fanout.unhold(&s);
+        assert_eq!(fanout.counts().sessions, 0);
+    }
+
+    #[test]
+    fn a_quick_first_poll_follows_the_accepted() {
+        let fanout = Fanout::new(Clock::new());
+        let s: Arc<str> = "d".repeat(32).into();
+        fanout.hold(&s);
+        let conn = fanout.connect(s.clone());
+        fanout.unhold(&s);
+        frames(&conn);
+        // The first poll's state got here before the start's `accepted`.
+        fanout.apply(&s, &task("t1", 1, TaskState::Running));
+        fanout.accepted(&conn, "r1".into(), &task("t1", 0, TaskState::Queued));
+        let sent = frames(&conn);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(sent[0].contains("\"accepted\""));
+        assert!(sent[1].contains("\"seq\":1"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The memory engine's task table: every session, its tasks with what the
+//! poll pipeline remembers of them, and each session's start window. The
+//! truth of the memory engine; every committed change is applied to the
+//! [`Fanout`] under the table's lock, so changes reach it in `seq` order.
+
+use crate::engine::admission::{Refusal, StartLimits, StartWindow};
+use crate::engine::fanout::Fanout;
+use crate::engine::pipeline::{next_due, Committed, TaskStore};
+use crate::task::{id::random_hex, Step, Tracked};
+use crate::web::session::is_token;
+use app::protocol::Task;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Cheap to clone; all clones share one table.
+#[derive(Clone)]
+pub struct Table {
+    /// A `std::sync::Mutex`: every operation is a few map lookups and never
+    /// awaits. Lock order: the table, then the fanout (never the reverse).
+    state: Arc<Mutex<State>>,
+    fanout: Fanout,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<Arc<str>, SessionRec>,
+    tasks: HashMap<Arc<str>, TaskRec>,
+}
+
+#[derive(Default)]
+struct SessionRec {
+    /// The session's tasks, oldest first.
+    tasks: Vec<Arc<str>>,
+    starts: StartWindow,
+}
+
+struct TaskRec {
+    tr: Tracked,
+    session: Arc<str>,
+    backend_id: Arc<str>,
+}
+
+/// What a due poll finds.
+pub enum PollTarget {
+    Gone,
+    Final,
+    Live(Arc<str>),
+}
+
+impl Table {
+    pub fn new(fanout: Fanout) -> Self {
+        Table {
+            state: Arc::default(),
+            fanout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session a cookie names, or a new one when it is missing, malformed
+    /// or unknown (never someone else's). Returns the token and whether it is new.
+    pub fn resolve_session(&self, token: Option<&str>) -> (Arc<str>, bool) {
+        let mut s = self.lock();
+        if let Some(t) = token.filter(|t| is_token(t)) {
+            if let Some((k, _)) = s.sessions.get_key_value(t) {
+                return (k.clone(), false);
+            }
+        }
+        let token: Arc<str> = random_hex(16).into();
+        s.sessions.insert(token.clone(), SessionRec::default());
+        (token, true)
+    }
+
+    /// A session's tasks with their task-service ids, oldest first.
+    pub fn session_tasks(&self, session: &str) -> Vec<(Task, Arc<str>)> {
+        let s = self.lock();
+        s.sessions.get(session).map_or_else(Vec::new, |e| {
+            e.tasks
+                .iter()
+                .filter_map(|id| s.tasks.get(id))
+                .map(|t| (t.tr.task.clone(), t.backend_id.clone()))
+                .collect()
+        })
+    }
+
+    /// Admits one start of `session` (see [`StartWindow::admit`]).
+    pub fn admit(&self, session: &str, limits: StartLimits, now_ms: u64) -> Result<(), Refusal> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(entry) = s.sessions.get_mut(session) else {
+            // Forgotten meanwhile (it had nothing): nothing counts against it.
+            return Ok(());
+        };
+        let live = entry
+            .tasks
+            .iter()
+            .filter(|id| {
+                s.tasks
+                    .get(*id)
+                    .is_some_and(|t| !t.tr.task.state.is_final())
+            })
+            .count() as u64;
+        entry.starts.admit(limits, now_ms, live)
+    }
+
+    pub fn start_done(&self, session: &str) {
+        if let Some(e) = self.lock().sessions.get_mut(session) {
+            e.starts.done();
+        }
+    }
+
+    /// Records a task the task service accepted.
+    pub fn insert(&self, session: &Arc<str>, task: &Task, backend_id: &str) -> Arc<str> {
+        let id: Arc<str> = task.id.as_str().into();
+        let mut s = self.lock();
+        s.sessions
+            .entry(session.clone())
+            .or_default()
+            .tasks
+            .push(id.clone());
+        s.tasks.insert(
+            id.clone(),
+            TaskRec {
+                tr: Tracked::new(task.clone()),
+                session: session.clone(),
+                backend_id: backend_id.into(),
+            },
+        );
+        id
+    }
+
+    /// A task of `session` and its task-service id.
+    pub fn lookup(&self, session: &str, task_id: &str) -> Option<(Task, Arc<str>)> {
+        let s = self.lock();
+        let t = s.tasks.get(task_id).filter(|t| &*t.session == session)?;
+        Some((t.tr.task.clone(), t.backend_id.clone()))
+    }
+
+    pub fn poll_target(&self, task_id: &str) -> PollTarget {
+        match self.lock().tasks.get(task_id) {
+            None => PollTarget::Gone,
+            Some(t) if t.tr.task.state.is_final() => PollTarget::Final,
+            Some(t) => PollTarget::Live(t.backend_id.clone()),
+        }
+    }
+
+    /// Forgets a finished task (also from the fanout). Returns its session
+    /// when that is left with no task, for the caller to schedule the
+    /// session's expiry.
+    pub fn expire_task(&self, task_id: &str) -> Option<Arc<str>> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if !s.tasks.get(task_id)?.tr.task.state.is_final() {
+            return None;
+        }
+        let t = s.tasks.remove(task_id)?;
+        self.fanout.forget(&t.session, task_id);
+        let entry = s.sessions.get_mut(&t.session)?;
+        entry.tasks.retain(|id| &**id != task_id);
+        entry.tasks.is_empty().then_some(t.session)
+    }
+
+    /// `forget`: drops a finished task of `session` now. Whether it did,
+    /// and the session when that is left with no task.
+    pub fn forget(&self, session: &str, task_id: &str) -> (bool, Option<Arc<str>>) {
+        let owned = self
+            .lock()
+            .tasks
+            .get(task_id)
+            .is_some_and(|t| &*t.session == session && t.tr.task.state.is_final());
+        if owned {
+            (true, self.expire_task(task_id))
+        } else {
+            (false, None)
+        }
+    }
+
+    /// Whether `session` has no task (then it may expire).
+    pub fn is_empty_session(&self, session: &str) -> bool {
+        self.lock()
+            .sessions
+            .get(session)
+            .is_some_and(|e| e.tasks.is_empty())
+    }
+
+    /// Forgets a session that has had no task and no connection since its
+    /// expiry was scheduled.
+    pub fn expire_session(&self, session: &str) {
+        let mut s = self.lock();
+        let unused = s.sessions.get(session).is_some_and(|e| e.tasks.is_empty());
+        if unused && !self.fanout.is_connected(session) {
+            s.sessions.remove(session);
+        }
+    }
+
+    /// (sessions, tasks, live tasks)
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let s = self.lock();
+        let live = s
+            .tasks
+            .values()
+            .filter(|t| !t.tr.task.state.is_final())
+            .count();
+        (s.sessions.len(), s.tasks.len(), live)
+    }
+
+    /// The ids of every task not yet final (for invariant checks).
+    pub fn live_task_ids(&self) -> Vec<Arc<str>> {
+        let s = self.lock();
+        s.tasks
+            .iter()
+            .filter(|(_, t)| !t.tr.task.state.is_final())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// A copy of one task, whoever owns it (for tests).
+    pub fn task(&self, task_id: &str) -> Option<Task> {
+        self.lock().tasks.get(task_id).map(|t| t.tr.task.clone())
+    }
+
+    /// Runs `step` on a task and commits it, fanning the change out.
+    fn transition(
+        &self,
+        task_id: &str,
+        due_ms: Option<u64>,
+        now_ms: u64,
+        mut step: impl FnMut(&mut Tracked, u64) -> Step,
+    ) -> Option<Committed> {
+        let mut s = self.lock();
+        let t = s.tasks.get_mut(task_id)?;
+        let outcome = step(&mut t.tr, now_ms);
+        if let Some(task) = outcome.next {
+            t.tr.commit(task);
+            self.fanout.apply(&t.session, &t.tr.task);
+        }
+        let next = next_due(outcome.decision, &t.tr, due_ms, now_ms);
+        Some(Committed {
+            next,
+            changed: None,
+        })
+    }
+}
+
+impl TaskStore for Table {
+    type Error = Infallible;
+    type Loaded = ();
+
+    fn commit<F>(
+        &self,
+        id: &str,
+        _first: Option<()>,
+        due_ms: Option<u64>,
+        step: F,
+    ) -> impl Future<Output = Result<Option<Committed>, Infallible>> + Send
+    where
+        F: FnMut(&mut Tracked, u64) -> Step + Send,
+    {
+        let now_ms = self.fanout.now_ms();
+        let result = self.transition(id, due_ms, now_ms, step);
+        std::future::ready(Ok(result))
+    }
+}
