@@ -168,3 +168,328 @@ pub fn progress_at(spec: &SimSpec, start_ms: u64, now_ms: u64) -> Progress {
         changed_at_ms: at(done),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) const T0: u64 = 1_700_000_000_000;
+
+    pub(crate) fn spec(duration_ms: u64, steps: u64, fail_at: Option<u64>) -> SimSpec {
+        SimSpec {
+            duration_ms,
+            steps,
+            fail_at,
+        }
+    }
+
+    pub(crate) fn at(spec: &SimSpec, elapsed_ms: u64) -> (TaskState, u64, u64) {
+        let p = progress_at(spec, T0, T0 + elapsed_ms);
+        (p.state, p.done, p.changed_at_ms - T0)
+    }
+
+    use TaskState::{Failed, Running, Succeeded};
+
+    pub(crate) fn params(duration_ms: u64, steps: u64) -> Value {
+        json!({ "duration_ms": duration_ms, "steps": steps })
+    }
+
+    pub(crate) fn invalid_message(params: Value) -> String {
+        match SimSpec::from_params(&params) {
+            Err(SimError::InvalidParams(m)) => m,
+            other => panic!("expected invalid params for {params}, got {other:?}"),
+        }
+    }
+
+    // ---- arithmetic ----
+
+    #[test]
+    fn progress_steps_divide_duration() {
+        let s = spec(1000, 10, None);
+        assert_eq!(at(&s, 0), (Running, 0, 0));
+        assert_eq!(at(&s, 99), (Running, 0, 0));
+        assert_eq!(at(&s, 100), (Running, 1, 100)); // exact step boundary
+        assert_eq!(at(&s, 150), (Running, 1, 100)); // mid-step
+        assert_eq!(at(&s, 500), (Running, 5, 500));
+        assert_eq!(at(&s, 999), (Running, 9, 900));
+        assert_eq!(at(&s, 1000), (Succeeded, 10, 1000)); // end
+        assert_eq!(at(&s, 1001), (Succeeded, 10, 1000)); // after end
+        assert_eq!(at(&s, 10_000_000), (Succeeded, 10, 1000));
+    }
+
+    #[test]
+    fn progress_fewer_steps_than_ms_rounds_changed_at_up() {
+        let s = spec(1000, 3, None);
+        assert_eq!(at(&s, 333), (Running, 0, 0));
+        // 1 step needs 333.33 ms: first reached at ms 334.
+        assert_eq!(at(&s, 334), (Running, 1, 334));
+        assert_eq!(at(&s, 666), (Running, 1, 334));
+        assert_eq!(at(&s, 667), (Running, 2, 667));
+        assert_eq!(at(&s, 999), (Running, 2, 667));
+        assert_eq!(at(&s, 1000), (Succeeded, 3, 1000));
+    }
+
+    #[test]
+    fn progress_more_steps_than_ms_jumps() {
+        let s = spec(10, 25, None);
+        assert_eq!(at(&s, 0), (Running, 0, 0));
+        assert_eq!(at(&s, 1), (Running, 2, 1));
+        assert_eq!(at(&s, 2), (Running, 5, 2));
+        assert_eq!(at(&s, 3), (Running, 7, 3));
+        assert_eq!(at(&s, 9), (Running, 22, 9));
+        assert_eq!(at(&s, 10), (Succeeded, 25, 10));
+    }
+
+    #[test]
+    fn progress_single_step_and_single_ms() {
+        assert_eq!(at(&spec(1, 1, None), 0), (Running, 0, 0));
+        assert_eq!(at(&spec(1, 1, None), 1), (Succeeded, 1, 1));
+        assert_eq!(at(&spec(1, MAX_STEPS, None), 0), (Running, 0, 0));
+        assert_eq!(at(&spec(1, MAX_STEPS, None), 1), (Succeeded, MAX_STEPS, 1));
+    }
+
+    #[test]
+    fn progress_before_start_counts_as_start() {
+        let s = spec(1000, 10, None);
+        let p = progress_at(&s, T0, T0 - 5000);
+        assert_eq!(
+            p,
+            Progress {
+                state: Running,
+                done: 0,
+                changed_at_ms: T0
+            }
+        );
+        let f = spec(1000, 10, Some(0));
+        let p = progress_at(&f, T0, 0);
+        assert_eq!(
+            p,
+            Progress {
+                state: Failed,
+                done: 0,
+                changed_at_ms: T0
+            }
+        );
+    }
+
+    #[test]
+    fn progress_extremes_do_not_overflow() {
+        let s = spec(MAX_DURATION_MS, MAX_STEPS, None);
+        assert_eq!(
+            at(&s, MAX_DURATION_MS / 2),
+            (Running, MAX_STEPS / 2, MAX_DURATION_MS / 2)
+        );
+        let p = progress_at(&s, 0, u64::MAX);
+        assert_eq!(
+            p,
+            Progress {
+                state: Succeeded,
+                done: MAX_STEPS,
+                changed_at_ms: MAX_DURATION_MS
+            }
+        );
+        // 10 ms before the end of time: 115 steps, first reached at ceil(9.936) = 10 ms.
+        let p = progress_at(&s, u64::MAX - 10, u64::MAX);
+        assert_eq!(
+            p,
+            Progress {
+                state: Running,
+                done: 115,
+                changed_at_ms: u64::MAX
+            }
+        );
+        // The end would lie past u64::MAX: it saturates instead of wrapping.
+        let p = progress_at(&spec(1000, 1, Some(1)), u64::MAX - 10, u64::MAX);
+        assert_eq!(
+            p,
+            Progress {
+                state: Running,
+                done: 0,
+                changed_at_ms: u64::MAX - 10
+            }
+        );
+        assert_eq!(spec(1000, 1, None).done_after(u64::MAX), 1);
+    }
+
+    #[test]
+    fn fail_at_zero_fails_at_once() {
+        let s = spec(1000, 10, Some(0));
+        assert_eq!(at(&s, 0), (Failed, 0, 0));
+        assert_eq!(at(&s, 5000), (Failed, 0, 0));
+    }
+
+    #[test]
+    fn fail_at_mid_run_keeps_done() {
+        let s = spec(1000, 10, Some(4));
+        assert_eq!(at(&s, 0), (Running, 0, 0));
+        assert_eq!(at(&s, 399), (Running, 3, 300));
+        assert_eq!(at(&s, 400), (Failed, 4, 400));
+        assert_eq!(at(&s, 401), (Failed, 4, 400));
+        assert_eq!(at(&s, 1000), (Failed, 4, 400));
+        assert_eq!(at(&s, 99_999), (Failed, 4, 400));
+    }
+
+    #[test]
+    fn fail_at_rounds_up_like_done() {
+        let s = spec(1000, 3, Some(2));
+        assert_eq!(at(&s, 666), (Running, 1, 334));
+        assert_eq!(at(&s, 667), (Failed, 2, 667));
+    }
+
+    #[test]
+    fn fail_at_with_more_steps_than_ms_keeps_done_past_fail_at() {
+        // fail_at 6 is first reached at ceil(6*10/25) = 3 ms, where done is 7.
+        let s = spec(10, 25, Some(6));
+        assert_eq!(at(&s, 2), (Running, 5, 2));
+        assert_eq!(at(&s, 3), (Failed, 7, 3));
+        assert_eq!(at(&s, 100), (Failed, 7, 3));
+    }
+
+    #[test]
+    fn fail_at_steps_fails_instead_of_succeeding() {
+        let s = spec(1000, 10, Some(10));
+        assert_eq!(at(&s, 999), (Running, 9, 900));
+        assert_eq!(at(&s, 1000), (Failed, 10, 1000));
+        assert_eq!(at(&s, 2000), (Failed, 10, 1000));
+    }
+
+    #[test]
+    fn natural_end() {
+        assert_eq!(spec(1000, 10, None).natural_end_ms(), 1000);
+        assert_eq!(spec(1000, 10, Some(4)).natural_end_ms(), 400);
+        assert_eq!(spec(1000, 10, Some(10)).natural_end_ms(), 1000);
+        assert_eq!(spec(1000, 10, Some(0)).natural_end_ms(), 0);
+        assert_eq!(spec(10, 25, Some(6)).natural_end_ms(), 3);
+    }
+
+    // ---- the simulator ----
+
+    #[test]
+    fn params_valid() {
+        assert_eq!(
+            SimSpec::from_params(&params(1000, 10)),
+            Ok(spec(1000, 10, None))
+        );
+        let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": null });
+        assert_eq!(SimSpec::from_params(&p), Ok(spec(1000, 10, None)));
+        for fail_at in [0, 5, 10] {
+            let p = json!({ "duration_ms": 1000, "steps": 10, "fail_at": fail_at });
+            assert_eq!(SimSpec::from_params(&p), Ok(spec(1000, 10, Some(fail_at))));
+        }
+        assert_eq!(SimSpec::from_params(&params(1, 1)), Ok(spec(1, 1, None)));
+        assert_eq!(
+            SimSpec::from_params(&params(MAX_DURATION_MS, MAX_STEPS)),
+            Ok(spec(86_400_000, 1_000_000_000, None))
+        );
+    }
+
+    #[test]
+    fn params_not_an_object() {
+        for p in [json!(null), json!([]), json!(5), json!("x"), json!(true)] {
+            let m = invalid_message(p);
+            assert!(m.contains("`params` must be a JSON object"), "{m}");
+        }
+    }
+
+    #[test]
+    fn params_missing_fields() {
+        let m = invalid_message(json!({}));
+        assert!(m.contains("missing `duration_ms`"), "{m}");
+        let m = invalid_message(json!({ "duration_ms": 10 }));
+        assert!(m.contains("missing `steps`"), "{m}");
+        let m = invalid_message(json!({ "steps": 10 }));
+        assert!(m.contains("missing `duration_ms`"), "{m}");
+    }
+
+    #[test]
+    fn params_unknown_key() {
+        let m = invalid_message(json!({ "duration_ms": 10, "steps": 10, "speed": 2 }));
+        assert!(m.contains("unknown key `speed`"), "{m}");
+        let m = invalid_message(json!({ "duration": 10, "steps": 10 }));
+        assert!(m.contains("unknown key `duration`"), "{m}");
+    }
+
+    #[test]
+    fn params_duration_out_of_range_or_not_integer() {
+        for bad in [
+            json!(0),
+            json!(86_400_001),
+            json!(-1),
+            json!(1.5),
+            json!(10.0),
+            json!(1e20),
+            json!("10"),
+            json!(true),
+            json!(null),
+            json!([10]),
+            json!({ "ms": 10 }),
+            json!(u64::MAX),
+        ] {
+            let m = invalid_message(json!({ "duration_ms": bad, "steps": 10 }));
+            assert!(
+                m.contains("`duration_ms` must be an integer from 1 to 86400000"),
+                "{bad}: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn params_steps_out_of_range_or_not_integer() {
+        for bad in [
+            json!(0),
+            json!(1_000_000_001),
+            json!(-5),
+            json!(2.5),
+            json!("10"),
+            json!(false),
+            json!(null),
+        ] {
+            let m = invalid_message(json!({ "duration_ms": 10, "steps": bad }));
+            assert!(
+                m.contains("`steps` must be an integer from 1 to 1000000000"),
+                "{bad}: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn params_fail_at_out_of_range_or_not_integer() {
+        for bad in [
+            json!(11),
+            json!(-1),
+            json!(1.5),
+            json!("3"),
+            json!(true),
+            json!([]),
+        ] {
+            let m = invalid_message(json!({ "duration_ms": 10, "steps": 10, "fail_at": bad }));
+            assert!(
+                m.contains("`fail_at` must be null or an integer from 0 to `steps` (10)"),
+                "{bad}: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn params_messages_show_numbers_not_bodies() {
+        let m = invalid_message(json!({ "duration_ms": 1.5, "steps": 10 }));
+        assert!(m.ends_with("got 1.5"), "{m}");
+        let m = invalid_message(json!({ "duration_ms": "x".repeat(10_000), "steps": 10 }));
+        assert!(m.ends_with("got a string"), "{m}");
+    }
+
+    #[test]
+    fn error_display() {
+        assert_eq!(
+            SimError::UnknownKind("x".into()).to_string(),
+            "unknown kind `x`: the simulator knows only `simulate`"
+        );
+        assert_eq!(
+            SimError::InvalidParams("m".into()).to_string(),
+            "invalid params: m"
+        );
+    }
+
+    // ---- bounds ----
+}
