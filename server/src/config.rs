@@ -20,7 +20,8 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Serve the task-service simulator on its own (contract section 2).
+    /// Serve the task-service simulator on its own (the task-service API of
+    /// docs/protocol.md).
     Sim(SimConfig),
 }
 
@@ -36,7 +37,8 @@ pub struct SimConfig {
 pub enum BackendChoice {
     /// The simulator, in this process.
     Embedded,
-    /// Any task service speaking contract section 2 at this base URL.
+    /// Any task service speaking the task-service API (docs/protocol.md) at
+    /// this base URL.
     Http(String),
 }
 

@@ -1,5 +1,6 @@
-//! The HTTP adapter: contract section 2 spoken to any task service over
-//! HTTP/1.1 keep-alive connections, with a timeout on every request.
+//! The HTTP adapter: the task-service API (docs/protocol.md) spoken to any
+//! task service over HTTP/1.1 keep-alive connections, with a timeout on
+//! every request.
 //!
 //! A lean client on hyper's connection API rather than a general one: the
 //! base URL is parsed once, a request is a method, a path and perhaps a

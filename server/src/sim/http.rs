@@ -1,5 +1,5 @@
-//! The simulator as a standalone task service: the routes of contract
-//! section 2 (plus `GET /stats`) over a [`Simulator`]. The wall clock is read
+//! The simulator as a standalone task service: the routes of the
+//! task-service API (docs/protocol.md, plus `GET /stats`) over a [`Simulator`]. The wall clock is read
 //! here and only here, then passed into the model.
 
 use std::collections::BTreeMap;

@@ -1,7 +1,8 @@
-//! The task service's simulator model: `simulate` tasks whose progress is a
-//! pure function of their start time and the instant the caller passes in
-//! (contract section 2). No I/O, no timers, no clock reads: `http` serves it
-//! with the wall clock, tests drive it with chosen instants.
+//! The task service's simulator: the store of `simulate` tasks, whose
+//! progress is a pure function of their start time and the instant the
+//! caller passes in ([`spec`]; the task-service API of docs/protocol.md).
+//! No I/O, no timers, no clock reads: `http` serves it with the wall clock,
+//! tests drive it with chosen instants.
 
 pub mod http;
 pub mod spec;

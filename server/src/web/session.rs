@@ -12,13 +12,6 @@ use std::sync::Arc;
 
 pub const COOKIE_NAME: &str = "taskwire_session";
 
-/// A well-formed session token: 32 lowercase hex chars (128 random bits).
-pub fn is_token(s: &str) -> bool {
-    s.len() == 32
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// The caller's session, put into the request's extensions.
 #[derive(Clone, Debug)]
 pub struct Session {

@@ -6,8 +6,8 @@
 use crate::engine::admission::{Refusal, StartLimits, StartWindow};
 use crate::engine::fanout::Fanout;
 use crate::engine::pipeline::{next_due, Committed, TaskStore};
-use crate::task::{id::random_hex, Step, Tracked};
-use crate::web::session::is_token;
+use crate::task::id::{is_session_token, new_session_token};
+use crate::task::{Step, Tracked};
 use app::protocol::Task;
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -65,12 +65,12 @@ impl Table {
     /// or unknown (never someone else's). Returns the token and whether it is new.
     pub fn resolve_session(&self, token: Option<&str>) -> (Arc<str>, bool) {
         let mut s = self.lock();
-        if let Some(t) = token.filter(|t| is_token(t)) {
+        if let Some(t) = token.filter(|t| is_session_token(t)) {
             if let Some((k, _)) = s.sessions.get_key_value(t) {
                 return (k.clone(), false);
             }
         }
-        let token: Arc<str> = random_hex(16).into();
+        let token: Arc<str> = new_session_token().into();
         s.sessions.insert(token.clone(), SessionRec::default());
         (token, true)
     }

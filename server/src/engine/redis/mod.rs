@@ -14,9 +14,8 @@ use super::admission::{Refusal, StartLimits};
 use super::pipeline::{next_due, Committed, TaskStore};
 use crate::clock::Clock;
 use crate::metrics as m;
-use crate::task::id::random_hex;
+use crate::task::id::{is_session_token, new_session_token, random_hex};
 use crate::task::{Step, Tracked};
-use crate::web::session::is_token;
 use app::protocol::Task;
 use std::future::Future;
 use std::sync::Arc;
@@ -50,12 +49,12 @@ impl RedisEngine {
         &self,
         token: Option<&str>,
     ) -> Result<(Arc<str>, bool), StoreError> {
-        if let Some(t) = token.filter(|t| is_token(t)) {
+        if let Some(t) = token.filter(|t| is_session_token(t)) {
             if self.store.session_exists(t).await? {
                 return Ok((t.into(), false));
             }
         }
-        let token = random_hex(16);
+        let token = new_session_token();
         self.store
             .create_session(&token, self.clock.now_ms())
             .await?;
