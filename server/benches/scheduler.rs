@@ -14,7 +14,7 @@ use server::clock::Clock;
 use server::engine::fanout::{Fanout, Next};
 use server::engine::memory::MemoryEngine;
 use server::engine::pipeline::{Limits, PollCtx, PollStats};
-use server::engine::Engine;
+use server::engine::{Engine, Imp};
 use server::metrics::MicrosHistogram;
 use server::sim::Simulator;
 use server::task::new_task;
@@ -116,7 +116,13 @@ async fn poll_engine(tasks: u64) {
     };
     let fanout = Fanout::new(clock);
     let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, Duration::from_secs(600));
-    let engine = Engine::memory(fanout.clone(), memory.clone(), backend, policy, clock);
+    let engine = Engine::new(
+        fanout.clone(),
+        Imp::Memory(memory.clone()),
+        backend,
+        policy,
+        clock,
+    );
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(queue.run(stop_rx));
     let (session, _) = engine.resolve_session(None).await.unwrap();

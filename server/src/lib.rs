@@ -27,7 +27,7 @@ use engine::redis::listener::Listener;
 use engine::redis::store::{Store, StoreError};
 use engine::redis::worker::Worker;
 use engine::redis::RedisEngine;
-use engine::Engine;
+use engine::{Engine, Imp};
 use leptos::prelude::LeptosOptions;
 use sim::Simulator;
 use std::net::SocketAddr;
@@ -148,7 +148,7 @@ impl Application {
         let (engine, queue, worker, listener) = match store {
             None => {
                 let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, retention);
-                let engine = Engine::memory(fanout, memory, backend, policy, clock);
+                let engine = Engine::new(fanout, Imp::Memory(memory), backend, policy, clock);
                 (engine, Some(queue), None, None)
             }
             Some(store) => {
@@ -163,7 +163,7 @@ impl Application {
                     .role
                     .serves_clients()
                     .then(|| Listener::new(store, fanout.clone(), retention));
-                let engine = Engine::redis(fanout, redis, backend, policy, clock);
+                let engine = Engine::new(fanout, Imp::Redis(redis), backend, policy, clock);
                 (engine, None, worker, listener)
             }
         };

@@ -44,8 +44,9 @@ pub struct Engine {
     imp: Imp,
 }
 
+/// Which engine runs: chosen once, by `Application::build`.
 #[derive(Clone)]
-enum Imp {
+pub enum Imp {
     Memory(MemoryEngine),
     Redis(RedisEngine),
 }
@@ -118,9 +119,11 @@ pub struct Counts {
 }
 
 impl Engine {
-    pub fn memory(
+    /// The engine over `imp`, which owns the truth; `fanout` must be the
+    /// one `imp` commits into.
+    pub fn new(
         fanout: Fanout,
-        memory: MemoryEngine,
+        imp: Imp,
         backend: Backend,
         policy: Arc<PollPolicy>,
         clock: Clock,
@@ -130,23 +133,7 @@ impl Engine {
             backend,
             policy,
             clock,
-            imp: Imp::Memory(memory),
-        }
-    }
-
-    pub fn redis(
-        fanout: Fanout,
-        redis: RedisEngine,
-        backend: Backend,
-        policy: Arc<PollPolicy>,
-        clock: Clock,
-    ) -> Self {
-        Engine {
-            fanout,
-            backend,
-            policy,
-            clock,
-            imp: Imp::Redis(redis),
+            imp,
         }
     }
 
