@@ -7,7 +7,7 @@ use server::clock::Clock;
 use server::engine::fanout::{Conn, Fanout, Next};
 use server::engine::memory::MemoryEngine;
 use server::engine::pipeline::{Limits, PollCtx, PollStats};
-use server::engine::Engine;
+use server::engine::{Engine, Imp};
 use server::sim::Simulator;
 use server::task::new_task;
 use server::task::policy::PollPolicy;
@@ -55,7 +55,13 @@ fn engine(
     let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, retention);
     let (stop, rx) = watch::channel(false);
     tokio::spawn(queue.run(rx));
-    let engine = Engine::memory(fanout.clone(), memory.clone(), backend, policy, clock);
+    let engine = Engine::new(
+        fanout.clone(),
+        Imp::Memory(memory.clone()),
+        backend,
+        policy,
+        clock,
+    );
     (engine, memory, fanout, stop)
 }
 
