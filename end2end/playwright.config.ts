@@ -1,4 +1,7 @@
 import { defineConfig } from '@playwright/test';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 
 // End-to-end tests for taskwire.
 //
@@ -11,6 +14,8 @@ import { defineConfig } from '@playwright/test';
 // The server listens on 127.0.0.1:3100 unless TASKWIRE_E2E_PORT says otherwise.
 
 const PORT = process.env.TASKWIRE_E2E_PORT ?? '3100';
+// The durable default, in a directory of this run's own.
+const DATA_DIR = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-'));
 const BASE_URL = `http://127.0.0.1:${PORT}`;
 
 export default defineConfig({
@@ -50,7 +55,7 @@ export default defineConfig({
 
   webServer: {
     // Run from the repository root: the release binary finds target/site there.
-    command: `./target/release/taskwire --listen 127.0.0.1:${PORT} --poll-interval-ms 200`,
+    command: `./target/release/taskwire --listen 127.0.0.1:${PORT} --poll-interval-ms 200 --data-dir ${DATA_DIR}`,
     cwd: '..',
     url: `${BASE_URL}/`,
     reuseExistingServer: false,

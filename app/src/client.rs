@@ -3,9 +3,9 @@
 //! reconnects by itself with exponential backoff and full jitter. Also the
 //! page's clock tick, the online/offline events and finish notifications.
 
+use crate::page::{backoff_ms, ConnState, FormError, PageState};
 use crate::protocol::{ErrorCode, ServerMsg, Task};
 use crate::store;
-use crate::ui::{ConnState, FormError, PageState};
 use futures::channel::mpsc::Receiver;
 use futures::future::{select, Either};
 use futures::{SinkExt, StreamExt};
@@ -16,8 +16,6 @@ use web_sys::js_sys;
 
 /// Messages the page may queue for sending.
 pub const OUTGOING_QUEUE_LEN: usize = 64;
-const BACKOFF_FIRST_MS: f64 = 500.0;
-const BACKOFF_MAX_MS: f64 = 15_000.0;
 
 pub fn start(page: PageState, mut outgoing: Receiver<String>) {
     page.now.set(js_sys::Date::now() as u64);
@@ -38,7 +36,7 @@ pub fn start(page: PageState, mut outgoing: Receiver<String>) {
     });
 
     leptos::task::spawn_local(async move {
-        let mut attempt: i32 = 0;
+        let mut attempt: u32 = 0;
         loop {
             if let Ok(ws) = WebSocket::open(&ws_url()) {
                 let (mut sink, mut stream) = ws.split();
@@ -61,19 +59,16 @@ pub fn start(page: PageState, mut outgoing: Receiver<String>) {
                 }
             }
             page.open.set(false);
-            // Full jitter: many pages cut off by one restart spread out.
-            let cap = (BACKOFF_FIRST_MS * 2f64.powi(attempt)).min(BACKOFF_MAX_MS);
-            let wait = cap / 2.0 + js_sys::Math::random() * cap / 2.0;
-            attempt = (attempt + 1).min(16);
+            let wait = backoff_ms(attempt, js_sys::Math::random());
+            attempt = attempt.saturating_add(1);
             let online = web_sys::window().is_some_and(|w| w.navigator().on_line());
             page.conn.set(if online {
                 ConnState::Reconnecting
             } else {
                 ConnState::Offline
             });
-            page.reconnect_at
-                .set(js_sys::Date::now() as u64 + wait as u64);
-            sleep(Duration::from_millis(wait as u64)).await;
+            page.reconnect_at.set(js_sys::Date::now() as u64 + wait);
+            sleep(Duration::from_millis(wait)).await;
             page.conn.set(ConnState::Connecting);
         }
     });

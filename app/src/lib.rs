@@ -2,14 +2,17 @@
 //! UI. Browser-only code (the WebSocket client) sits behind `hydrate`,
 //! server-only code (the HTML shell) behind `ssr`.
 
+pub mod page;
 pub mod protocol;
+pub mod simulate;
 pub mod store;
 pub mod ui;
 
 #[cfg(feature = "hydrate")]
 mod client;
 
-pub use ui::{App, InitialTasks};
+pub use page::InitialTasks;
+pub use ui::App;
 
 /// The id of the `<script>` in the page's head holding the session's tasks
 /// at render time, for hydration to start from.
@@ -19,7 +22,7 @@ pub const INITIAL_TASKS_ID: &str = "tw-initial";
 pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::IntoView {
     use leptos::prelude::*;
     let tasks = use_context::<InitialTasks>().unwrap_or_default().0;
-    let title = ui::page_title(tasks.iter());
+    let title = page::page_title(tasks.iter());
     // `</` could end the script early; `<\/` is the same JSON string.
     let initial = serde_json::to_string(&tasks)
         .unwrap_or_else(|_| "[]".into())

@@ -1,4 +1,4 @@
-//! The client protocol of `../shared/contracts/protocol.md` section 1: every
+//! The client protocol of `docs/protocol.md` section 1: every
 //! message and the `Task` object, defined once and used by the server and the
 //! wasm client alike. Parsing of client messages lives here too, so the error
 //! a malformed frame gets is decided in one place.

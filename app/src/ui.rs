@@ -3,57 +3,11 @@
 //! server renders it with the session's tasks already in it; the browser
 //! hydrates it and keeps it live from the WebSocket.
 
+use crate::page::{ConnState, FormError, InitialTasks, PageState, Toast};
 use crate::protocol::{ClientMsg, Task, TaskState};
+use crate::simulate::{simulate_params, KIND_SIMULATE};
 use crate::store::{self, TaskView};
 use leptos::prelude::*;
-
-/// What the page knows of its WebSocket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
-pub enum ConnState {
-    Connecting,
-    Connected,
-    Reconnecting,
-    Offline,
-}
-
-impl ConnState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnState::Connecting => "connecting",
-            ConnState::Connected => "connected",
-            ConnState::Reconnecting => "reconnecting",
-            ConnState::Offline => "offline",
-        }
-    }
-}
-
-/// An error about the form, next to the field it concerns when known.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FormError {
-    pub field: Option<&'static str>,
-    pub text: String,
-}
-
-impl FormError {
-    /// Finds the field a message is about by the names it mentions.
-    pub fn about(text: String) -> Self {
-        let field = ["duration_ms", "steps", "fail_at"]
-            .into_iter()
-            .find(|f| text.contains(f));
-        FormError { field, text }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Toast {
-    pub id: u64,
-    pub text: String,
-    pub state: TaskState,
-}
-
-/// Toasts on screen at once; older ones give way.
-pub const MAX_TOASTS: usize = 5;
 
 /// Which tasks the list shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,57 +24,6 @@ impl Filter {
             Filter::Running => !state.is_final(),
             Filter::State(s) => s == state,
         }
-    }
-}
-
-/// The page's reactive state, shared by its parts.
-#[derive(Clone, Copy)]
-pub struct PageState {
-    pub tasks: RwSignal<Vec<TaskView>>,
-    pub conn: RwSignal<ConnState>,
-    /// Whether the WebSocket is open and welcomed (what sending depends on;
-    /// `conn` may say "offline" during a blip that did not break it).
-    pub open: RwSignal<bool>,
-    /// When the next reconnect is due (Unix ms), while reconnecting.
-    pub reconnect_at: RwSignal<u64>,
-    /// The browser's clock, ticking each second; 0 until hydrated (so the
-    /// server's render and the first client render agree).
-    pub now: RwSignal<u64>,
-    pub form_error: RwSignal<Option<FormError>>,
-    pub toasts: RwSignal<Vec<Toast>>,
-}
-
-impl PageState {
-    pub fn toast(&self, text: String, state: TaskState) {
-        let id = self
-            .toasts
-            .with_untracked(|t| t.last().map_or(0, |t| t.id + 1));
-        self.toasts.update(|t| {
-            t.push(Toast { id, text, state });
-            if t.len() > MAX_TOASTS {
-                t.remove(0);
-            }
-        });
-        #[cfg(feature = "hydrate")]
-        {
-            let toasts = self.toasts;
-            set_timeout(
-                move || toasts.update(|t| t.retain(|x| x.id != id)),
-                std::time::Duration::from_secs(6),
-            );
-        }
-    }
-}
-
-/// The session's tasks as the server knows them at render time.
-#[derive(Clone, Debug, Default)]
-pub struct InitialTasks(pub Vec<Task>);
-
-/// "taskwire", or "(N running) taskwire" while N tasks run.
-pub fn page_title<'a>(tasks: impl Iterator<Item = &'a Task>) -> String {
-    match tasks.filter(|t| !t.state.is_final()).count() {
-        0 => "taskwire".to_string(),
-        n => format!("({n} running) taskwire"),
     }
 }
 
@@ -206,7 +109,7 @@ pub fn App() -> impl IntoView {
     Effect::new(move |_| {
         let title = page
             .tasks
-            .with(|list| page_title(list.iter().map(|v| &v.task)));
+            .with(|list| crate::page::page_title(list.iter().map(|v| &v.task)));
         document().set_title(&title);
     });
     let filter = RwSignal::new(Filter::All);
@@ -252,45 +155,6 @@ fn ConnIndicator(page: PageState) -> impl IntoView {
             {text}
         </span>
     }
-}
-
-/// The `simulate` params the form describes, or what is wrong with them.
-pub fn simulate_params(
-    duration_ms: &str,
-    steps: &str,
-    fail_at: &str,
-) -> Result<serde_json::Value, FormError> {
-    let err = |field, text: &str| FormError {
-        field: Some(field),
-        text: text.to_string(),
-    };
-    let duration_ms: u64 = duration_ms
-        .trim()
-        .parse()
-        .ok()
-        .filter(|d| (1..=86_400_000).contains(d))
-        .ok_or_else(|| {
-            err(
-                "duration_ms",
-                "duration must be a whole number of milliseconds, 1 to 86400000",
-            )
-        })?;
-    let steps: u64 = steps
-        .trim()
-        .parse()
-        .ok()
-        .filter(|s| (1..=1_000_000_000).contains(s))
-        .ok_or_else(|| err("steps", "steps must be a whole number, 1 to 1000000000"))?;
-    let fail_at = match fail_at.trim() {
-        "" => None,
-        f => Some(
-            f.parse::<u64>()
-                .ok()
-                .filter(|f| *f <= steps)
-                .ok_or_else(|| err("fail_at", "fail at must be empty or a step from 0 to steps"))?,
-        ),
-    };
-    Ok(serde_json::json!({ "duration_ms": duration_ms, "steps": steps, "fail_at": fail_at }))
 }
 
 #[component]
@@ -344,7 +208,7 @@ fn StartForm(send: Callback<ClientMsg>, page: PageState) -> impl IntoView {
                 started.update_value(|n| *n += 1);
                 send.run(ClientMsg::Start {
                     reference: format!("start-{}", started.get_value()),
-                    kind: "simulate".into(),
+                    kind: KIND_SIMULATE.into(),
                     params: params.clone(),
                 });
             }
@@ -598,36 +462,6 @@ fn Toasts(toasts: RwSignal<Vec<Toast>>) -> impl IntoView {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn form_params_are_checked_before_sending() {
-        assert_eq!(
-            simulate_params("1000", "10", "").unwrap(),
-            serde_json::json!({"duration_ms": 1000, "steps": 10, "fail_at": null})
-        );
-        assert_eq!(simulate_params("1000", "10", "5").unwrap()["fail_at"], 5);
-        assert_eq!(
-            simulate_params("0", "10", "").unwrap_err().field,
-            Some("duration_ms")
-        );
-        assert_eq!(
-            simulate_params("1000", "x", "").unwrap_err().field,
-            Some("steps")
-        );
-        assert_eq!(
-            simulate_params("1000", "10", "11").unwrap_err().field,
-            Some("fail_at")
-        );
-    }
-
-    #[test]
-    fn server_errors_find_their_field() {
-        assert_eq!(
-            FormError::about("`steps` must be 1..".into()).field,
-            Some("steps")
-        );
-        assert_eq!(FormError::about("backend down".into()).field, None);
-    }
 
     #[test]
     fn formatting_without_floats() {

@@ -1,7 +1,7 @@
 //! Property tests of `ClientMsg::parse`: whatever a client sends, parsing
-//! never panics and answers as `../shared/contracts/protocol.md` (section 1)
-//! and `docs/protocol.md` say: the message, or a `bad_request` whose `ref` is
-//! the frame's own when that `ref` was a valid string, else `null`.
+//! never panics and answers as `docs/protocol.md` (section 1) says: the
+//! message, or a `bad_request` whose `ref` is the frame's own when that
+//! `ref` was a valid string, else `null`.
 //!
 //! Each property runs 2,000 cases; `PROPTEST_CASES=N` overrides that (see
 //! `docs/fuzzing.md` for the long run).

@@ -1,6 +1,8 @@
 import { expect, type Locator, type Page } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 
@@ -176,6 +178,8 @@ export async function freePort(): Promise<number> {
 export class OwnServer {
   private child: ChildProcess | null = null;
   private output: string[] = [];
+  /** Its own data directory, kept across stop and start (a restart keeps what it had). */
+  readonly dataDir = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-'));
 
   constructor(readonly port: number) {}
 
@@ -188,7 +192,7 @@ export class OwnServer {
     expect(this.child, 'the server is not already running').toBeNull();
     const child = spawn(
       './target/release/taskwire',
-      ['--listen', `127.0.0.1:${this.port}`, '--poll-interval-ms', '200'],
+      ['--listen', `127.0.0.1:${this.port}`, '--poll-interval-ms', '200', '--data-dir', this.dataDir],
       { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     this.child = child;

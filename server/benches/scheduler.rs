@@ -145,7 +145,7 @@ async fn poll_engine(tasks: u64) {
     for _ in 0..tasks {
         let bid = sim.start("simulate", &params, clock.now_ms()).unwrap();
         let task = new_task("simulate", None, clock.now_ms());
-        memory.create(&conn.session, &task, &bid).await;
+        memory.create(&conn.session, &task, &bid).await.unwrap();
         fanout.accepted(&conn, "r".into(), &task);
     }
     while engine.counts().live_tasks > 0 && t0.elapsed() < Duration::from_secs(60) {

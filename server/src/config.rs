@@ -140,6 +140,16 @@ pub struct Config {
     #[arg(long, env = "TASKWIRE_REDIS")]
     pub redis: Option<String>,
 
+    /// The memory engine keeps sessions and tasks in a file in this
+    /// directory, so a restart loses nothing.
+    #[arg(long, env = "TASKWIRE_DATA_DIR", default_value = "./taskwire-data")]
+    pub data_dir: std::path::PathBuf,
+
+    /// Keep everything in memory only: a restart forgets every session and
+    /// task (the memory engine without its file).
+    #[arg(long, env = "TASKWIRE_EPHEMERAL", value_parser = clap::builder::FalseyValueParser::new())]
+    pub ephemeral: bool,
+
     /// `all`, `web` (page, WebSocket, sessions) or `worker` (polls only);
     /// `web` and `worker` need `--redis`.
     #[arg(long, env = "TASKWIRE_ROLE", default_value = "all")]
@@ -202,8 +212,9 @@ pub struct ClientLimits {
 }
 
 impl Config {
-    /// Defaults for tests: port 0, embedded backend.
+    /// Defaults for tests: port 0, embedded backend, nothing on disk (the
+    /// durable tests give their own `data_dir`).
     pub fn for_tests() -> Self {
-        Cli::parse_from(["taskwire", "--listen", "127.0.0.1:0"]).config
+        Cli::parse_from(["taskwire", "--listen", "127.0.0.1:0", "--ephemeral"]).config
     }
 }

@@ -74,6 +74,8 @@ pub enum StartupError {
     #[error("bad Redis URL: {0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
+    Durable(#[from] engine::memory::durable::DurableError),
+    #[error("{0}")]
     Config(String),
 }
 
@@ -147,7 +149,12 @@ impl Application {
         let fanout = Fanout::new(clock);
         let (engine, queue, worker, listener) = match store {
             None => {
-                let (memory, queue) = MemoryEngine::new(fanout.clone(), ctx, &limits, retention);
+                let (memory, queue) = if config.ephemeral {
+                    MemoryEngine::new(fanout.clone(), ctx, &limits, retention)
+                } else {
+                    MemoryEngine::open(fanout.clone(), ctx, &limits, retention, &config.data_dir)
+                        .await?
+                };
                 let engine = Engine::new(fanout, Imp::Memory(memory), backend, policy, clock);
                 (engine, Some(queue), None, None)
             }
@@ -157,7 +164,6 @@ impl Application {
                     engine: redis.clone(),
                     ctx,
                     limits,
-                    backend_timeout: Duration::from_millis(config.backend_timeout_ms),
                 });
                 let listener = config
                     .role
@@ -263,6 +269,8 @@ impl Application {
             }
         })
         .await;
+        // The durable store's last checkpoint, whatever the wait above.
+        self.state.engine.close().await;
         result
     }
 

@@ -305,18 +305,26 @@ async fn a_client_that_reads_nothing_still_gets_every_final_state() {
         assert_eq!(counts.live_tasks, 0, "all finished meanwhile");
 
         let mut finals = std::collections::HashMap::new();
+        // Per task: the `seq` at `welcome`, and the frames received since.
+        let mut welcome_seq = std::collections::HashMap::new();
+        let mut frames = 0u64;
+        let mut closed = false;
         loop {
             match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => {
                     match serde_json::from_str::<ServerMsg>(t.as_str()).unwrap() {
-                        ServerMsg::Task { task } | ServerMsg::Accepted { task, .. }
-                            if task.state.is_final() =>
-                        {
-                            finals.insert(task.id, task.state);
+                        ServerMsg::Task { task } | ServerMsg::Accepted { task, .. } => {
+                            frames += 1;
+                            if task.state.is_final() {
+                                finals.insert(task.id, (task.state, task.seq));
+                            }
                         }
                         ServerMsg::Welcome { tasks, .. } => {
-                            for t in tasks.into_iter().filter(|t| t.state.is_final()) {
-                                finals.insert(t.id, t.state);
+                            for t in tasks {
+                                welcome_seq.insert(t.id.clone(), t.seq);
+                                if t.state.is_final() {
+                                    finals.insert(t.id, (t.state, t.seq));
+                                }
                             }
                         }
                         _ => {}
@@ -325,6 +333,7 @@ async fn a_client_that_reads_nothing_still_gets_every_final_state() {
                 Ok(Some(Ok(Message::Close(f)))) => {
                     assert_eq!(slow_timeout_s, 2, "only the short timeout closes");
                     assert_eq!(u16::from(f.unwrap().code), 1013);
+                    closed = true;
                     break;
                 }
                 Ok(Some(Ok(_))) => {}
@@ -335,17 +344,36 @@ async fn a_client_that_reads_nothing_still_gets_every_final_state() {
                 break;
             }
         }
+        if slow_timeout_s == 60 {
+            // Blocked well under the timeout: still connected, every final
+            // state on this very connection, and fewer frames than changes
+            // (the outbox kept only the newest state of each task).
+            assert!(!closed, "a 5 s stall is under the 60 s timeout");
+            assert_eq!(
+                finals.len(),
+                ids.len(),
+                "every final on the same connection"
+            );
+            let changes: u64 = finals
+                .iter()
+                .map(|(id, (_, seq))| seq - welcome_seq.get(id).copied().unwrap_or(0))
+                .sum();
+            assert!(
+                frames < changes,
+                "{frames} frames for {changes} changes: nothing was coalesced"
+            );
+        }
         if finals.len() < ids.len() {
             // Closed as too slow: the reconnect's welcome has everything.
             let again = Client::connect(app.addr, Some(&session)).await;
             for t in again.welcome {
-                finals.insert(t.id, t.state);
+                finals.insert(t.id, (t.state, t.seq));
             }
         }
         for id in &ids {
             assert_eq!(
-                finals.get(id),
-                Some(&TaskState::Succeeded),
+                finals.get(id).map(|f| f.0),
+                Some(TaskState::Succeeded),
                 "timeout {slow_timeout_s}"
             );
         }
@@ -427,4 +455,83 @@ async fn sigterm_closes_every_client_with_1012_and_exits_in_time() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exited.success(), "{exited:?}");
+}
+
+/// A client that sends 20,000 messages before reading any reply is slowed
+/// down (its frames are read no faster than it reads replies), never cut
+/// off: all 20,000 replies arrive, in order, on the same connection.
+#[tokio::test]
+async fn a_burst_before_any_read_gets_every_reply_and_stays_open() {
+    use futures::SinkExt;
+    const N: usize = 20_000;
+    let app = spawn_with(|_| {}).await;
+    let mut req = format!("ws://{}/ws", app.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert(http::header::USER_AGENT, "burst".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+    // Every message earns exactly one reply: `not_found` while the burst
+    // allowance lasts, `rate_limited` after.
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            let msg = format!(r#"{{"type":"cancel","ref":"b{i}","task":"nope"}}"#);
+            sink.feed(Message::text(msg)).await.expect("send");
+        }
+        sink.flush().await.expect("flush");
+        sink
+    });
+    // Nothing is read until every message is out.
+    let mut sink = tokio::time::timeout(Duration::from_secs(120), sender)
+        .await
+        .expect("the burst goes out (TCP buffers hold it)")
+        .unwrap();
+    let mut refs = Vec::with_capacity(N);
+    while refs.len() < N {
+        let frame = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("a reply within the timeout")
+            .expect("the connection stays open")
+            .expect("a frame");
+        match frame {
+            Message::Text(t) => match serde_json::from_str::<ServerMsg>(t.as_str()).unwrap() {
+                ServerMsg::Welcome { .. } => {}
+                ServerMsg::Error {
+                    reference, code, ..
+                } => {
+                    assert!(
+                        matches!(code.as_str(), "not_found" | "rate_limited"),
+                        "{code:?}"
+                    );
+                    refs.push(reference.expect("the reply names its message"));
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            Message::Close(f) => panic!("closed after {} replies: {f:?}", refs.len()),
+            _ => {}
+        }
+    }
+    for (i, r) in refs.iter().enumerate() {
+        assert_eq!(r, &format!("b{i}"), "replies in order");
+    }
+    // Still open and answering.
+    sink.send(Message::text(
+        r#"{"type":"cancel","ref":"last","task":"nope"}"#,
+    ))
+    .await
+    .unwrap();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a reply")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = frame {
+            if t.as_str().contains("\"last\"") {
+                break;
+            }
+        }
+    }
+    app.stop().await;
 }

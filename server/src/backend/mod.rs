@@ -183,6 +183,17 @@ impl Backend {
         }
     }
 
+    /// After a restart, for a task started before it: the embedded
+    /// simulator takes it back (its memory died with the process); a task
+    /// service over HTTP kept its own, so nothing is done.
+    pub fn restore(&self, id: &str, kind: &str, params: &serde_json::Value, start_ms: u64) {
+        if let Adapter::Embedded(sim) = &self.adapter {
+            if let Err(e) = sim.restore(id, kind, params, start_ms) {
+                tracing::warn!(task = id, error = %e, "the simulator could not take a task back");
+            }
+        }
+    }
+
     pub async fn status(&self, id: &str) -> Result<Status, BackendError> {
         let result = match &self.adapter {
             Adapter::Embedded(sim) => embedded::status(sim, id, self.clock.now_ms()),

@@ -156,7 +156,7 @@ impl Engine {
         token: Option<&str>,
     ) -> Result<(Arc<str>, bool), StoreError> {
         match &self.imp {
-            Imp::Memory(m) => Ok(m.resolve_session(token)),
+            Imp::Memory(m) => Ok(m.resolve_session(token).await),
             Imp::Redis(r) => r.resolve_session(token).await,
         }
     }
@@ -266,16 +266,19 @@ impl Engine {
         let backend_id = self.backend.start(kind, &params).await?;
         let task = new_task(kind, Some(params), self.clock.now_ms());
         let created = match &self.imp {
-            Imp::Memory(m) => {
-                m.create(&conn.session, &task, &backend_id).await;
-                Ok(())
-            }
-            Imp::Redis(r) => r.create(&conn.session, &task, &backend_id).await,
+            Imp::Memory(m) => m
+                .create(&conn.session, &task, &backend_id)
+                .await
+                .map_err(|e| e.to_string()),
+            Imp::Redis(r) => r
+                .create(&conn.session, &task, &backend_id)
+                .await
+                .map_err(|e| e.to_string()),
         };
         if let Err(e) = created {
             tracing::warn!(error = %e, "a started task could not be recorded");
             let _ = self.backend.cancel(&backend_id).await;
-            return Err(e.into());
+            return Err(Refused::new(ErrorCode::BackendUnavailable, e));
         }
         self.fanout.accepted(conn, reference, &task);
         Ok(())
@@ -374,6 +377,14 @@ impl Engine {
         };
         if forgot {
             self.fanout.forget(&conn.session, task_id);
+        }
+    }
+
+    /// Puts away what must outlive the process (the durable store's last
+    /// checkpoint), once the polls have stopped.
+    pub async fn close(&self) {
+        if let Imp::Memory(m) = &self.imp {
+            m.close().await;
         }
     }
 

@@ -206,6 +206,40 @@ impl Simulator {
         Ok(id)
     }
 
+    /// Takes back a task this simulator started before a restart (the
+    /// embedded simulator lives in taskwire's process, so taskwire's durable
+    /// store is its memory too): same id, same spec, same start, so it
+    /// carries on where wall-clock time has brought it. An id already known
+    /// is left alone.
+    pub fn restore(
+        &self,
+        id: &str,
+        kind: &str,
+        params: &Value,
+        start_ms: u64,
+    ) -> Result<(), SimError> {
+        if kind != KIND_SIMULATE {
+            return Err(SimError::UnknownKind(kind.to_owned()));
+        }
+        let spec = SimSpec::from_params(params)?;
+        let task = SimTask {
+            spec,
+            start_ms,
+            cancelled: None,
+            polls: 0,
+        };
+        let expires_at_ms = task.expires_at_ms(self.retention_ms);
+        let mut tasks = self.lock();
+        if tasks.by_id.len() >= self.max_tasks {
+            return Err(SimError::Full);
+        }
+        if !tasks.by_id.contains_key(id) {
+            tasks.by_expiry.insert((expires_at_ms, id.to_owned()));
+            tasks.by_id.insert(id.to_owned(), task);
+        }
+        Ok(())
+    }
+
     /// The task's status at `now_ms`, or `None` if unknown or forgotten.
     /// Counts as a poll.
     pub fn status(&self, id: &str, now_ms: u64) -> Option<Status> {

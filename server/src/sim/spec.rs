@@ -4,12 +4,9 @@
 use app::protocol::TaskState;
 use serde_json::{Map, Value};
 
-/// The one kind the simulator knows.
-pub const KIND_SIMULATE: &str = "simulate";
-/// Longest `duration_ms` a `simulate` task may ask for (one day).
-pub const MAX_DURATION_MS: u64 = 86_400_000;
-/// Most `steps` a `simulate` task may ask for.
-pub const MAX_STEPS: u64 = 1_000_000_000;
+/// The kind and its bounds, written once in `app` (the page checks its form
+/// against the same numbers).
+pub use app::simulate::{KIND_SIMULATE, MAX_DURATION_MS, MAX_STEPS};
 
 /// Why a task could not be started.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -8,6 +8,7 @@
 use super::session::Session;
 use crate::config::ClientLimits;
 use crate::engine::admission::StartLimits;
+use crate::engine::fanout::outbox::REPLY_HIGH_WATER;
 use crate::engine::fanout::{CloseReason, Conn, Next};
 use crate::engine::{CancelTarget, Engine, Refused};
 use crate::metrics as m;
@@ -114,6 +115,15 @@ async fn run(
     let started = Instant::now();
     let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     loop {
+        // Backpressure: while the client leaves its replies unread, read no
+        // more of its frames (TCP slows it down); the writer's slow-client
+        // timeout still closes one that reads nothing at all.
+        if conn.outbox.replies_len() >= REPLY_HIGH_WATER {
+            tokio::select! {
+                _ = &mut writer => break,
+                _ = conn.outbox.room_for_replies() => {}
+            }
+        }
         tokio::select! {
             _ = &mut writer => break,
             frame = stream.next() => {

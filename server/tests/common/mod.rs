@@ -217,22 +217,35 @@ pub fn spawn_taskwire(args: &[&str]) -> (Child, SocketAddr) {
         .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        // Nothing on disk unless the test gives a `--data-dir`: test
+        // processes run side by side.
+        .env(
+            "TASKWIRE_EPHEMERAL",
+            if args.contains(&"--data-dir") {
+                "0"
+            } else {
+                "1"
+            },
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("taskwire starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // TASKWIRE_TEST_LOGS=1 shows what the process logs (with `--nocapture`).
+    let show = std::env::var_os("TASKWIRE_TEST_LOGS").is_some();
     let addr = loop {
         let line = lines
             .next()
             .expect("taskwire printed its address")
             .expect("readable stdout");
+        if show {
+            eprintln!("[starting] {line}");
+        }
         if let Some(rest) = line.split("listening on http://").nth(1) {
             break rest.trim().parse::<SocketAddr>().expect("an address");
         }
     };
-    // TASKWIRE_TEST_LOGS=1 shows what the process logs (with `--nocapture`).
-    let show = std::env::var_os("TASKWIRE_TEST_LOGS").is_some();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             if show {

@@ -15,6 +15,13 @@ pub static COALESCED_TOTAL: AtomicU64 = AtomicU64::new(0);
 
 /// Replies queued for one connection before it counts as not reading.
 pub const MAX_QUEUED_REPLIES: usize = 256;
+/// Replies queued past which the connection's reader stops reading frames
+/// until the writer has sent some (backpressure: TCP then slows a sender
+/// that does not read). Each frame read queues at most one reply at once
+/// and each request in flight one more later, so with the reader paused
+/// here the queue stays under [`MAX_QUEUED_REPLIES`] for any client whose
+/// requests in flight stay under the margin.
+pub const REPLY_HIGH_WATER: usize = MAX_QUEUED_REPLIES / 2;
 
 /// Why a connection's writer stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +50,8 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when replies drop below [`REPLY_HIGH_WATER`].
+    room: Notify,
     coalesced: AtomicU64,
 }
 
@@ -58,6 +67,7 @@ impl Outbox {
         Arc::new(Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            room: Notify::new(),
             coalesced: AtomicU64::new(0),
         })
     }
@@ -112,6 +122,7 @@ impl Outbox {
         s.closed.get_or_insert(reason);
         drop(s);
         self.notify.notify_one();
+        self.room.notify_waiters();
     }
 
     /// Replies first, then task updates in the order they first became pending.
@@ -124,6 +135,10 @@ impl Outbox {
             return Next::Close(reason);
         }
         if let Some(frame) = s.replies.pop_front() {
+            if s.replies.len() < REPLY_HIGH_WATER {
+                drop(s);
+                self.room.notify_waiters();
+            }
             return Next::Frame(frame);
         }
         while let Some(id) = s.order.pop_front() {
@@ -140,6 +155,28 @@ impl Outbox {
     /// Waits until something may have been pushed.
     pub async fn notified(&self) {
         self.notify.notified().await
+    }
+
+    /// Waits until fewer than [`REPLY_HIGH_WATER`] replies are queued (or
+    /// the connection is closing).
+    pub async fn room_for_replies(&self) {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let s = self.lock();
+                if s.replies.len() < REPLY_HIGH_WATER || s.closed.is_some() {
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Replies queued, not yet sent.
+    pub fn replies_len(&self) -> usize {
+        self.lock().replies.len()
     }
 
     /// Pending frames (for tests and metrics).

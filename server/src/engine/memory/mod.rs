@@ -1,8 +1,10 @@
 //! The memory engine (the default): one process holds every session and
-//! task in its [`Table`] and polls them from its own delay queue
-//! ([`queue`]). Its half of the engine interface: what [`super::Engine`]
-//! asks of whichever engine runs.
+//! task in its [`Table`], polls them from its own delay queue ([`queue`])
+//! and keeps them on disk ([`durable`]; not with `--ephemeral`). Its half
+//! of the engine interface: what [`super::Engine`] asks of whichever engine
+//! runs.
 
+pub mod durable;
 pub mod queue;
 pub mod table;
 
@@ -11,6 +13,7 @@ use super::fanout::Fanout;
 use super::pipeline::{Committed, Limits, PollCtx, TaskStore};
 use crate::task::{Step, Tracked};
 use app::protocol::Task;
+use durable::{Durable, DurableError};
 use queue::{Queue, QueueHandle};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,28 +25,91 @@ pub struct MemoryEngine {
     pub table: Table,
     pub queue: QueueHandle,
     retention: Duration,
+    /// `None` with `--ephemeral`.
+    durable: Option<Durable>,
 }
 
 impl MemoryEngine {
-    /// The engine and its delay queue, for the caller to run.
+    /// The engine (everything in memory only) and its delay queue, for the
+    /// caller to run.
     pub fn new(
         fanout: Fanout,
         ctx: Arc<PollCtx>,
         limits: &Limits,
         retention: Duration,
     ) -> (MemoryEngine, Queue) {
-        let table = Table::new(fanout);
+        let table = Table::new(fanout, false);
         let (queue, handle) = Queue::new(table.clone(), ctx, limits, retention);
         let engine = MemoryEngine {
             table,
             queue: handle,
             retention,
+            durable: None,
         };
         (engine, queue)
     }
 
-    pub fn resolve_session(&self, token: Option<&str>) -> (Arc<str>, bool) {
-        self.table.resolve_session(token)
+    /// The durable engine over the file in `data_dir`: what it holds is
+    /// loaded, every live task due for a poll at once, every finished one
+    /// expiring at the end of its retention. A damaged file is an error.
+    pub async fn open(
+        fanout: Fanout,
+        ctx: Arc<PollCtx>,
+        limits: &Limits,
+        retention: Duration,
+        data_dir: &std::path::Path,
+    ) -> Result<(MemoryEngine, Queue), DurableError> {
+        let (db, path) = durable::open(data_dir)?;
+        let records = durable::load(&db, &path)?;
+        let now_ms = ctx.clock.now_ms();
+        let table = Table::new(fanout, true);
+        let (queue, handle) = Queue::new(table.clone(), ctx.clone(), limits, retention);
+        let durable = Durable::start(db, table.clone());
+        let engine = MemoryEngine {
+            table,
+            queue: handle,
+            retention,
+            durable: Some(durable),
+        };
+        let (mut live, mut finished) = (0, 0);
+        for record in &records {
+            let id = engine.table.restore(record);
+            if record.task.state.is_final() {
+                finished += 1;
+                let ends_ms = record.task.updated_ms + retention.as_millis() as u64;
+                let left = Duration::from_millis(ends_ms.saturating_sub(now_ms));
+                engine.queue.expire_task(id, left).await;
+            } else {
+                live += 1;
+                let task = &record.task;
+                let params = task.params.clone().unwrap_or_default();
+                ctx.backend
+                    .restore(&record.backend_id, &task.kind, &params, task.created_ms);
+                engine.queue.poll(id, Duration::ZERO).await;
+            }
+        }
+        tracing::info!(live, finished, file = %path.display(), "durable store loaded");
+        Ok((engine, queue))
+    }
+
+    /// The session a cookie names, or a new one. A new session is forgotten
+    /// one retention later unless a task or a connection holds it by then,
+    /// so page views leave nothing behind.
+    pub async fn resolve_session(&self, token: Option<&str>) -> (Arc<str>, bool) {
+        let (session, is_new) = self.table.resolve_session(token);
+        if is_new {
+            self.queue
+                .expire_session(session.clone(), self.retention)
+                .await;
+        }
+        (session, is_new)
+    }
+
+    /// Writes what is not on disk yet and stops the writer (at shutdown).
+    pub async fn close(&self) {
+        if let Some(durable) = &self.durable {
+            durable.close().await;
+        }
     }
 
     pub fn session_tasks(&self, session: &str) -> Vec<(Task, Arc<str>)> {
@@ -58,10 +124,24 @@ impl MemoryEngine {
         self.table.start_done(session)
     }
 
-    /// Records a task the task service accepted; its first poll is due now.
-    pub async fn create(&self, session: &Arc<str>, task: &Task, backend_id: &str) {
+    /// Records a task the task service accepted (on disk, synced, when
+    /// durable: it may be acknowledged then); its first poll is due now.
+    pub async fn create(
+        &self,
+        session: &Arc<str>,
+        task: &Task,
+        backend_id: &str,
+    ) -> Result<(), DurableError> {
         let id = self.table.insert(session, task, backend_id);
+        if let Some(durable) = &self.durable {
+            if let Err(e) = durable.flush().await {
+                // Never acknowledged: not kept either.
+                self.table.discard(&id);
+                return Err(e);
+            }
+        }
         self.queue.poll(id, Duration::ZERO).await;
+        Ok(())
     }
 
     pub fn lookup(&self, session: &str, task_id: &str) -> Option<(Task, Arc<str>)> {

@@ -59,6 +59,14 @@ impl QueueHandle {
             .await;
     }
 
+    /// Forgets a finished task after `delay`.
+    pub async fn expire_task(&self, task: Arc<str>, delay: Duration) {
+        let _ = self
+            .tx
+            .send(Command::Schedule(Job::ExpireTask(task), delay))
+            .await;
+    }
+
     /// Forgets `session` after `delay` if it still has no task and no connection.
     pub async fn expire_session(&self, session: Arc<str>, delay: Duration) {
         let _ = self

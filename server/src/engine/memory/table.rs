@@ -3,13 +3,14 @@
 //! truth of the memory engine; every committed change is applied to the
 //! [`Fanout`] under the table's lock, so changes reach it in `seq` order.
 
+use super::durable::Record;
 use crate::engine::admission::{Refusal, StartLimits, StartWindow};
 use crate::engine::fanout::Fanout;
 use crate::engine::pipeline::{next_due, Committed, TaskStore};
 use crate::task::id::{is_session_token, new_session_token};
 use crate::task::{Step, Tracked};
 use app::protocol::Task;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +28,8 @@ pub struct Table {
 struct State {
     sessions: HashMap<Arc<str>, SessionRec>,
     tasks: HashMap<Arc<str>, TaskRec>,
+    /// Durable: tasks changed (or gone) since the last write to disk.
+    dirty: Option<HashSet<Arc<str>>>,
 }
 
 #[derive(Default)]
@@ -50,11 +53,66 @@ pub enum PollTarget {
 }
 
 impl Table {
-    pub fn new(fanout: Fanout) -> Self {
+    /// A table; with `durable`, it remembers which tasks changed since
+    /// they were last taken for the disk ([`Table::take_dirty`]).
+    pub fn new(fanout: Fanout, durable: bool) -> Self {
+        let state = State {
+            dirty: durable.then(HashSet::new),
+            ..State::default()
+        };
         Table {
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(state)),
             fanout,
         }
+    }
+
+    /// Tasks changed since the last call, with their records (`None`: gone).
+    pub fn take_dirty(&self) -> Vec<(Arc<str>, Option<Record>)> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(dirty) = s.dirty.as_mut() else {
+            return Vec::new();
+        };
+        let ids: Vec<Arc<str>> = dirty.drain().collect();
+        ids.into_iter()
+            .map(|id| {
+                let record = s.tasks.get(&id).map(|t| Record {
+                    session: t.session.to_string(),
+                    backend_id: t.backend_id.to_string(),
+                    task: t.tr.task.clone(),
+                    track: t.tr.track,
+                });
+                (id, record)
+            })
+            .collect()
+    }
+
+    /// Marks tasks to be written again (a write failed).
+    pub fn mark_dirty(&self, ids: impl IntoIterator<Item = Arc<str>>) {
+        if let Some(dirty) = self.lock().dirty.as_mut() {
+            dirty.extend(ids);
+        }
+    }
+
+    /// A task read back from the disk at start-up.
+    pub fn restore(&self, record: &Record) -> Arc<str> {
+        let session: Arc<str> = record.session.as_str().into();
+        let id: Arc<str> = record.task.id.as_str().into();
+        let mut s = self.lock();
+        s.sessions
+            .entry(session.clone())
+            .or_default()
+            .tasks
+            .push(id.clone());
+        s.tasks.insert(
+            id.clone(),
+            TaskRec {
+                tr: record.tracked(),
+                session,
+                backend_id: record.backend_id.as_str().into(),
+            },
+        );
+        id
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -130,7 +188,24 @@ impl Table {
                 backend_id: backend_id.into(),
             },
         );
+        if let Some(dirty) = s.dirty.as_mut() {
+            dirty.insert(id.clone());
+        }
         id
+    }
+
+    /// Drops a task that was never acknowledged (its write failed).
+    pub fn discard(&self, task_id: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if let Some((id, t)) = s.tasks.remove_entry(task_id) {
+            if let Some(e) = s.sessions.get_mut(&t.session) {
+                e.tasks.retain(|x| **x != *task_id);
+            }
+            if let Some(dirty) = s.dirty.as_mut() {
+                dirty.insert(id);
+            }
+        }
     }
 
     /// A task of `session` and its task-service id.
@@ -157,8 +232,11 @@ impl Table {
         if !s.tasks.get(task_id)?.tr.task.state.is_final() {
             return None;
         }
-        let t = s.tasks.remove(task_id)?;
+        let (id, t) = s.tasks.remove_entry(task_id)?;
         self.fanout.forget(&t.session, task_id);
+        if let Some(dirty) = s.dirty.as_mut() {
+            dirty.insert(id);
+        }
         let entry = s.sessions.get_mut(&t.session)?;
         entry.tasks.retain(|id| &**id != task_id);
         entry.tasks.is_empty().then_some(t.session)
@@ -231,14 +309,21 @@ impl Table {
         now_ms: u64,
         mut step: impl FnMut(&mut Tracked, u64) -> Step,
     ) -> Option<Committed> {
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
         let t = s.tasks.get_mut(task_id)?;
         let outcome = step(&mut t.tr, now_ms);
+        let changed = outcome.next.is_some();
         if let Some(task) = outcome.next {
             t.tr.commit(task);
             self.fanout.apply(&t.session, &t.tr.task);
         }
         let next = next_due(outcome.decision, &t.tr, due_ms, now_ms);
+        if let (true, Some(dirty)) = (changed, s.dirty.as_mut()) {
+            if let Some((id, _)) = s.tasks.get_key_value(task_id) {
+                dirty.insert(id.clone());
+            }
+        }
         Some(Committed {
             next,
             changed: None,

@@ -76,6 +76,8 @@ static LOAD_SESSION: LazyLock<Script> =
 static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/forget.lua")));
 
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
+/// Lease renewal of the polls a worker is running (see `worker.rs`).
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/renew.lua")));
 
 /// A connection to Redis that reconnects by itself (cheap to clone).
 #[derive(Clone)]
@@ -318,19 +320,20 @@ impl Store {
     }
 
     /// Claims up to `max` polls due by `now_ms`, each leased until
-    /// `lease_until_ms`, and reads their tasks in the same round trip.
+    /// `lease_until` (a lease score, see `worker.rs`), and reads their
+    /// tasks in the same round trip.
     pub async fn claim(
         &self,
         now_ms: u64,
         max: usize,
-        lease_until_ms: u64,
+        lease_until: f64,
     ) -> Result<Claimed, StoreError> {
         let mut c = self.conn.clone();
         let mut flat: Vec<String> = CLAIM
             .key(DUE)
             .arg(now_ms)
             .arg(max)
-            .arg(lease_until_ms)
+            .arg(lease_until)
             .arg(TASK_PREFIX)
             .invoke_async(&mut c)
             .await?;
@@ -362,6 +365,21 @@ impl Store {
             });
         }
         Ok(Claimed { due, next_due })
+    }
+
+    /// Renews leases: per `(id, held, new)`, the entry moves from score
+    /// `held` to `new` if it still has `held`. Whether each was renewed.
+    pub async fn renew(&self, leases: &[(&str, f64, f64)]) -> Result<Vec<bool>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let mut call = RENEW.key(DUE);
+        for (id, held, new) in leases {
+            call.arg(*id).arg(*held).arg(*new);
+        }
+        let flags: Vec<i64> = call.invoke_async(&mut c).await?;
+        Ok(flags.into_iter().map(|f| f == 1).collect())
     }
 
     /// Puts a claimed poll back, due at `due_ms` (a rate cap deferred it).

@@ -3,13 +3,22 @@
 //! service, and saves each outcome by compare-and-set, which publishes the
 //! change and queues the task's next poll.
 //!
-//! A claim moves the entry to the end of a lease (the backend timeout plus
-//! a margin), atomically, so exactly one worker has a task at a time; when
-//! a worker dies its claims come due again after the lease and another
-//! worker takes them. No worker spins: after a claim it sleeps until the
-//! earliest due time the claim read (at most [`MAX_SLEEP`]), or until a new
-//! task wakes it (`tw:wake`), or a poll of its own finishes while its pool
-//! was full.
+//! A claim moves the entry to the end of a short lease ([`LEASE_MS`]),
+//! atomically, so exactly one worker has a task at a time. The live worker
+//! renews the leases of the polls it runs every [`RENEW_EVERY`] (however
+//! long the task service takes), and drops a poll whose lease it could not
+//! keep, so no two workers ever poll one task at once; when a worker dies
+//! its leases run out within [`LEASE_MS`] and another worker takes them:
+//! its tasks are polled again within about 2 s.
+//!
+//! Lease scores end in `.5` ([`lease_score`]), due times are whole
+//! milliseconds: renewal moves an entry only while it still holds the
+//! worker's own lease, never a due time a save has set meanwhile.
+//!
+//! No worker spins: after a claim it sleeps until the earliest due time the
+//! claim read (at most [`MAX_SLEEP`]), or until a new task wakes it
+//! (`tw:wake`), a lease needs renewing, or a poll of its own finishes while
+//! its pool was full.
 
 use super::keys::WAKE;
 use super::store::{Claim, Claimed, Store, StoreError, RETRY_MAX, RETRY_MIN};
@@ -17,10 +26,11 @@ use super::RedisEngine;
 use crate::engine::pipeline::{Limits, Pipeline, PollCtx};
 use crate::metrics as m;
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 /// The longest a worker sleeps without looking at the queue (a lost wake-up
@@ -28,22 +38,75 @@ use tokio::time::Instant;
 pub const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Claims per round trip, at most.
 const CLAIM_BATCH: usize = 256;
-/// Beyond the backend timeout, how long a claim stays the worker's.
-const LEASE_MARGIN_MS: u64 = 2_000;
+/// How long a claim is the worker's without renewal.
+pub const LEASE_MS: u64 = 1_500;
+/// How often the worker renews the leases of its polls in flight.
+pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE_MS / 3);
+
+/// The score of a lease ending at `until_ms`: never a whole millisecond,
+/// so never equal to a due time.
+pub fn lease_score(until_ms: u64) -> f64 {
+    until_ms as f64 + 0.5
+}
+
+/// The polls a worker is running, with the lease each holds.
+#[derive(Default)]
+struct Leases {
+    held: HashMap<String, (f64, AbortHandle)>,
+}
+
+impl Leases {
+    /// Renews every lease; drops the polls whose lease is no longer theirs
+    /// (saved already, or lost) or may run out before the next try.
+    async fn renew(&mut self, store: &Store, now_ms: u64) {
+        if self.held.is_empty() {
+            return;
+        }
+        let new = lease_score(now_ms + LEASE_MS);
+        let batch: Vec<(&str, f64, f64)> = self
+            .held
+            .iter()
+            .map(|(id, (held, _))| (id.as_str(), *held, new))
+            .collect();
+        match store.renew(&batch).await {
+            Ok(flags) => {
+                let ids: Vec<String> = batch.iter().map(|(id, ..)| id.to_string()).collect();
+                for (id, renewed) in ids.into_iter().zip(flags) {
+                    if renewed {
+                        if let Some(entry) = self.held.get_mut(&id) {
+                            entry.0 = new;
+                        }
+                    } else if let Some((_, poll)) = self.held.remove(&id) {
+                        // Saved (it is finishing) or taken by another
+                        // worker after a lapse: either way not ours.
+                        poll.abort();
+                    }
+                }
+            }
+            Err(e) => {
+                redis_error("renew", &e);
+                // Unrenewed, a lease that ends before the next try may be
+                // claimed elsewhere: stop those polls now.
+                let cutoff = (now_ms + RENEW_EVERY.as_millis() as u64) as f64;
+                self.held.retain(|_, (held, poll)| {
+                    let keep = *held > cutoff;
+                    if !keep {
+                        poll.abort();
+                    }
+                    keep
+                });
+            }
+        }
+    }
+}
 
 pub struct Worker {
     pub engine: RedisEngine,
     pub ctx: Arc<PollCtx>,
     pub limits: Limits,
-    /// The task service's request timeout: a poll never outlives its lease.
-    pub backend_timeout: Duration,
 }
 
 impl Worker {
-    pub fn lease_ms(&self) -> u64 {
-        self.backend_timeout.as_millis() as u64 + LEASE_MARGIN_MS
-    }
-
     /// Runs until `shutdown` turns true, then lets the polls in flight finish.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let store = self.engine.store.clone();
@@ -53,16 +116,25 @@ impl Worker {
             wake.clone(),
             shutdown.clone(),
         ));
-        let lease_ms = self.lease_ms();
         let max_in_flight = self.limits.max_in_flight.max(1);
         let mut pipeline = Pipeline::new(self.ctx.clone(), &self.limits);
         let clock = self.ctx.clock;
         let engine = self.engine;
-        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut in_flight: JoinSet<String> = JoinSet::new();
+        let mut leases = Leases::default();
+        let mut renewed = Instant::now();
         let mut retry = RETRY_MIN;
         let mut depth_read = Instant::now();
         loop {
-            while in_flight.try_join_next().is_some() {}
+            while let Some(done) = in_flight.try_join_next() {
+                if let Ok(id) = done {
+                    leases.held.remove(&id);
+                }
+            }
+            if renewed.elapsed() >= RENEW_EVERY {
+                renewed = Instant::now();
+                leases.renew(&store, clock.now_ms()).await;
+            }
             if depth_read.elapsed() >= m::UPKEEP_INTERVAL {
                 depth_read = Instant::now();
                 if let Ok(depth) = store.queue_len().await {
@@ -74,7 +146,8 @@ impl Worker {
             if free > 0 {
                 let now = clock.now_ms();
                 let batch = free.min(CLAIM_BATCH);
-                match store.claim(now, batch, now + lease_ms).await {
+                let lease = lease_score(now + LEASE_MS);
+                match store.claim(now, batch, lease).await {
                     Ok(Claimed { due, next_due }) => {
                         retry = RETRY_MIN;
                         let full = due.len() == batch;
@@ -89,12 +162,14 @@ impl Worker {
                                     continue;
                                 }
                             };
-                            in_flight.spawn(poll(
+                            let id = claim.id.clone();
+                            let running = in_flight.spawn(poll(
                                 engine.clone(),
                                 pipeline.ctx().clone(),
                                 claim,
                                 jitter,
                             ));
+                            leases.held.insert(id, (lease, running));
                         }
                         if full {
                             continue;
@@ -113,14 +188,34 @@ impl Worker {
             if sleep.is_zero() {
                 continue;
             }
+            if !leases.held.is_empty() {
+                sleep = sleep.min(RENEW_EVERY.saturating_sub(renewed.elapsed()));
+            }
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
-                Some(_) = in_flight.join_next(), if free == 0 => {}
+                Some(done) = in_flight.join_next(), if free == 0 => {
+                    if let Ok(id) = done {
+                        leases.held.remove(&id);
+                    }
+                }
             }
         }
-        while in_flight.join_next().await.is_some() {}
+        // Let the polls in flight finish, their leases kept meanwhile.
+        loop {
+            tokio::select! {
+                done = in_flight.join_next() => match done {
+                    Some(Ok(id)) => { leases.held.remove(&id); }
+                    Some(Err(_)) => {}
+                    None => break,
+                },
+                _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(renewed.elapsed())) => {
+                    renewed = Instant::now();
+                    leases.renew(&store, clock.now_ms()).await;
+                }
+            }
+        }
         wake_task.abort();
     }
 }
@@ -128,12 +223,18 @@ impl Worker {
 /// One claimed poll through the pipeline, committed by compare-and-set
 /// from the state the claim read. A failure to reach Redis leaves the claim
 /// to run out; the task comes due again then.
-async fn poll(engine: RedisEngine, ctx: Arc<PollCtx>, claim: Claim, jitter: f64) {
+async fn poll(engine: RedisEngine, ctx: Arc<PollCtx>, claim: Claim, jitter: f64) -> String {
     let Claim { id, due_ms, stored } = claim;
     let stored = match stored {
         Ok(Some(stored)) => stored,
-        Ok(None) => return drop_gone(&engine.store, &id).await,
-        Err(e) => return redis_error("load", &e),
+        Ok(None) => {
+            drop_gone(&engine.store, &id).await;
+            return id;
+        }
+        Err(e) => {
+            redis_error("load", &e);
+            return id;
+        }
     };
     let backend_id = (!stored.tracked.task.state.is_final()).then(|| stored.backend_id.clone());
     let polled = ctx
@@ -149,6 +250,7 @@ async fn poll(engine: RedisEngine, ctx: Arc<PollCtx>, claim: Claim, jitter: f64)
     if let Err(e) = polled {
         redis_error("save", &e);
     }
+    id
 }
 
 /// A queued id whose task is gone (forgotten, or expired): out of the queue.

@@ -1,0 +1,169 @@
+//! The page's state, apart from the browser socket that feeds it and the
+//! views that show it: what the page knows of its connection, its form
+//! errors and toasts, the tasks it started from, and the reconnect backoff.
+//! Plain data and pure functions, so both the views (`ui`) and the socket
+//! (`client`) import it and neither imports the other's insides.
+
+use crate::protocol::{Task, TaskState};
+use crate::store::TaskView;
+use leptos::prelude::*;
+
+/// What the page knows of its WebSocket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+pub enum ConnState {
+    Connecting,
+    Connected,
+    Reconnecting,
+    Offline,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Connected => "connected",
+            ConnState::Reconnecting => "reconnecting",
+            ConnState::Offline => "offline",
+        }
+    }
+}
+
+/// An error about the form, next to the field it concerns when known.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FormError {
+    pub field: Option<&'static str>,
+    pub text: String,
+}
+
+impl FormError {
+    /// Finds the field a message is about by the names it mentions.
+    pub fn about(text: String) -> Self {
+        let field = ["duration_ms", "steps", "fail_at"]
+            .into_iter()
+            .find(|f| text.contains(f));
+        FormError { field, text }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Toast {
+    pub id: u64,
+    pub text: String,
+    pub state: TaskState,
+}
+
+/// Toasts on screen at once; older ones give way.
+pub const MAX_TOASTS: usize = 5;
+
+/// The page's reactive state, shared by its parts.
+#[derive(Clone, Copy)]
+pub struct PageState {
+    pub tasks: RwSignal<Vec<TaskView>>,
+    pub conn: RwSignal<ConnState>,
+    /// Whether the WebSocket is open and welcomed (what sending depends on;
+    /// `conn` may say "offline" during a blip that did not break it).
+    pub open: RwSignal<bool>,
+    /// When the next reconnect is due (Unix ms), while reconnecting.
+    pub reconnect_at: RwSignal<u64>,
+    /// The browser's clock, ticking each second; 0 until hydrated (so the
+    /// server's render and the first client render agree).
+    pub now: RwSignal<u64>,
+    pub form_error: RwSignal<Option<FormError>>,
+    pub toasts: RwSignal<Vec<Toast>>,
+}
+
+impl PageState {
+    pub fn toast(&self, text: String, state: TaskState) {
+        let id = self
+            .toasts
+            .with_untracked(|t| t.last().map_or(0, |t| t.id + 1));
+        self.toasts.update(|t| {
+            t.push(Toast { id, text, state });
+            if t.len() > MAX_TOASTS {
+                t.remove(0);
+            }
+        });
+        #[cfg(feature = "hydrate")]
+        {
+            let toasts = self.toasts;
+            set_timeout(
+                move || toasts.update(|t| t.retain(|x| x.id != id)),
+                std::time::Duration::from_secs(6),
+            );
+        }
+    }
+}
+
+/// The session's tasks as the server knows them at render time.
+#[derive(Clone, Debug, Default)]
+pub struct InitialTasks(pub Vec<Task>);
+
+/// "taskwire", or "(N running) taskwire" while N tasks run.
+pub fn page_title<'a>(tasks: impl Iterator<Item = &'a Task>) -> String {
+    match tasks.filter(|t| !t.state.is_final()).count() {
+        0 => "taskwire".to_string(),
+        n => format!("({n} running) taskwire"),
+    }
+}
+
+/// The first reconnect waits up to this long...
+pub const BACKOFF_FIRST_MS: u64 = 500;
+/// ...doubling per failed attempt up to this cap.
+pub const BACKOFF_MAX_MS: u64 = 15_000;
+/// Never sooner than this, so a page never spins on a dead server.
+pub const BACKOFF_FLOOR_MS: u64 = 100;
+
+/// How long to wait before reconnect `attempt` (0 = the first), with full
+/// jitter: uniform over `[0, cap]` where the cap doubles per attempt up to
+/// [`BACKOFF_MAX_MS`], so many pages cut off by one restart spread out
+/// instead of coming back together. `unit` is a uniform draw from `[0, 1)`
+/// (`Math.random()` in the browser).
+pub fn backoff_ms(attempt: u32, unit: f64) -> u64 {
+    let cap = BACKOFF_FIRST_MS
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(BACKOFF_MAX_MS);
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    ((cap as f64 * unit) as u64).max(BACKOFF_FLOOR_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_find_their_field() {
+        assert_eq!(
+            FormError::about("`steps` must be 1..".into()).field,
+            Some("steps")
+        );
+        assert_eq!(FormError::about("backend down".into()).field, None);
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_cap() {
+        // The whole range from (near) zero to the cap is reachable.
+        assert_eq!(backoff_ms(0, 0.0), BACKOFF_FLOOR_MS);
+        assert_eq!(backoff_ms(0, 0.999_999), BACKOFF_FIRST_MS - 1);
+        assert_eq!(backoff_ms(1, 0.5), BACKOFF_FIRST_MS);
+        assert_eq!(backoff_ms(3, 0.5), 2_000);
+        // The cap stops doubling at the maximum, whatever the attempt.
+        for attempt in [5, 10, 31, u32::MAX] {
+            assert!(backoff_ms(attempt, 0.999_999) < BACKOFF_MAX_MS);
+            assert!(backoff_ms(attempt, 0.999_999) > BACKOFF_MAX_MS - 10);
+        }
+        // Bad draws do not escape the range.
+        assert_eq!(backoff_ms(2, f64::NAN), BACKOFF_FLOOR_MS);
+        assert_eq!(backoff_ms(2, 7.0), 2_000);
+        assert_eq!(backoff_ms(2, -1.0), BACKOFF_FLOOR_MS);
+    }
+
+    #[test]
+    fn the_title_counts_running_tasks() {
+        assert_eq!(page_title([].iter()), "taskwire");
+    }
+}
