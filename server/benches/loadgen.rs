@@ -727,7 +727,12 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         _ => Some(RedisProc::start()?),
     };
 
-    // 3. The server (and, split, its worker).
+    // 3. The server (and, split, its worker). The memory engine is durable
+    // by default: a fresh data directory per run (unless the server args
+    // give one), so no run loads another's tasks.
+    let data_dir = std::env::temp_dir().join(format!("taskwire-loadgen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let own_data_dir = !opts.server_args.iter().any(|a| a == "--data-dir");
     let taskwire = |role: &str| {
         let mut cmd = Command::new(&bin);
         cmd.args(["--listen", "127.0.0.1:0", "--backend"])
@@ -736,6 +741,9 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             .arg(opts.poll_interval_ms.to_string());
         if let Some(r) = &redis {
             cmd.args(["--redis", &r.url(), "--role", role]);
+        }
+        if own_data_dir && redis.is_none() {
+            cmd.arg("--data-dir").arg(&data_dir);
         }
         cmd.args(&opts.server_args).current_dir(&root);
         cmd

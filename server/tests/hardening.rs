@@ -346,22 +346,22 @@ async fn a_client_that_reads_nothing_still_gets_every_final_state() {
         }
         if slow_timeout_s == 60 {
             // Blocked well under the timeout: still connected, every final
-            // state on this very connection, and fewer frames than changes
-            // (the outbox kept only the newest state of each task).
+            // state on this very connection.
             assert!(!closed, "a 5 s stall is under the 60 s timeout");
             assert_eq!(
                 finals.len(),
                 ids.len(),
                 "every final on the same connection"
             );
+            // Never more frames than changes: an update waiting for this
+            // client is replaced by a newer one, never queued beside it
+            // (whether any waited depends on how much the kernel's socket
+            // buffers took; the outbox's own tests show the replacing).
             let changes: u64 = finals
                 .iter()
                 .map(|(id, (_, seq))| seq - welcome_seq.get(id).copied().unwrap_or(0))
                 .sum();
-            assert!(
-                frames < changes,
-                "{frames} frames for {changes} changes: nothing was coalesced"
-            );
+            assert!(frames <= changes, "{frames} frames for {changes} changes");
         }
         if finals.len() < ids.len() {
             // Closed as too slow: the reconnect's welcome has everything.
