@@ -3,7 +3,7 @@
 //! server renders it with the session's tasks already in it; the browser
 //! hydrates it and keeps it live from the WebSocket.
 
-use crate::page::{ConnState, FormError, InitialTasks, PageState, Toast};
+use crate::page::{ConnState, FormError, PageState, Toast};
 use crate::protocol::{ClientMsg, Task, TaskState};
 use crate::simulate::{simulate_params, KIND_SIMULATE};
 use crate::store::{self, TaskView};
@@ -32,7 +32,7 @@ impl Filter {
 fn initial_tasks() -> Vec<Task> {
     #[cfg(feature = "ssr")]
     {
-        use_context::<InitialTasks>()
+        use_context::<crate::page::InitialTasks>()
             .map(|i| i.0)
             .unwrap_or_default()
     }
