@@ -121,6 +121,10 @@ impl Opts {
                 }
                 "--server-args" => {
                     o.server_args = it.by_ref().collect();
+                    // `cargo bench` appends `--bench` to every bench's args.
+                    if o.server_args.last().is_some_and(|a| a == "--bench") {
+                        o.server_args.pop();
+                    }
                 }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument `{other}`")),

@@ -38,6 +38,8 @@ pub const COMPACT_INTERVAL: Duration = Duration::from_secs(600);
 /// Added to a loaded task's `seq`: above any change it can have made after
 /// its last checkpoint.
 pub const SEQ_HEADROOM: u64 = 10_000;
+/// redb's page cache.
+const CACHE_BYTES: usize = 4 << 20;
 /// The file under `--data-dir`.
 pub const FILE_NAME: &str = "taskwire.redb";
 
@@ -96,10 +98,15 @@ pub fn open(dir: &Path) -> Result<(Database, PathBuf), DurableError> {
         source,
     })?;
     let path = dir.join(FILE_NAME);
-    let db = Database::create(&path).map_err(|e| DurableError::Open {
-        path: path.clone(),
-        source: e.into(),
-    })?;
+    // A small page cache: the file is read once, at start-up, and written
+    // in batches; redb's default cache would grow the RSS by tens of MB.
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+        .map_err(|e| DurableError::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
     Ok((db, path))
 }
 
