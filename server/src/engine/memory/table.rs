@@ -97,22 +97,8 @@ impl Table {
     /// A task read back from the disk at start-up.
     pub fn restore(&self, record: &Record) -> Arc<str> {
         let session: Arc<str> = record.session.as_str().into();
-        let id: Arc<str> = record.task.id.as_str().into();
         let mut s = self.lock();
-        s.sessions
-            .entry(session.clone())
-            .or_default()
-            .tasks
-            .push(id.clone());
-        s.tasks.insert(
-            id.clone(),
-            TaskRec {
-                tr: record.tracked(),
-                session,
-                backend_id: record.backend_id.as_str().into(),
-            },
-        );
-        id
+        add(&mut s, &session, record.tracked(), &record.backend_id)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -173,21 +159,8 @@ impl Table {
 
     /// Records a task the task service accepted.
     pub fn insert(&self, session: &Arc<str>, task: &Task, backend_id: &str) -> Arc<str> {
-        let id: Arc<str> = task.id.as_str().into();
         let mut s = self.lock();
-        s.sessions
-            .entry(session.clone())
-            .or_default()
-            .tasks
-            .push(id.clone());
-        s.tasks.insert(
-            id.clone(),
-            TaskRec {
-                tr: Tracked::new(task.clone()),
-                session: session.clone(),
-                backend_id: backend_id.into(),
-            },
-        );
+        let id = add(&mut s, session, Tracked::new(task.clone()), backend_id);
         if let Some(dirty) = s.dirty.as_mut() {
             dirty.insert(id.clone());
         }
@@ -329,6 +302,25 @@ impl Table {
             changed: None,
         })
     }
+}
+
+/// A task into the table, last of its session's.
+fn add(s: &mut State, session: &Arc<str>, tr: Tracked, backend_id: &str) -> Arc<str> {
+    let id: Arc<str> = tr.task.id.as_str().into();
+    s.sessions
+        .entry(session.clone())
+        .or_default()
+        .tasks
+        .push(id.clone());
+    s.tasks.insert(
+        id.clone(),
+        TaskRec {
+            tr,
+            session: session.clone(),
+            backend_id: backend_id.into(),
+        },
+    );
+    id
 }
 
 impl TaskStore for Table {
