@@ -11,6 +11,9 @@
 //! Everything after `--server-args` is passed to the server unchanged. See
 //! `docs/benchmarks.md` for the figures and how to read them.
 
+// The report's `json!` is one large object.
+#![recursion_limit = "256"]
+
 use app::protocol::{ServerMsg, TaskState};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -23,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -60,6 +64,9 @@ struct Opts {
     server_bin: String,
     json: bool,
     engine: String,
+    /// SIGKILL the server this long after the go, and start it again on the
+    /// same port and data directory; clients reconnect with their cookie.
+    kill_server_at_ms: Option<u64>,
     server_args: Vec<String>,
 }
 
@@ -78,6 +85,7 @@ impl Opts {
             server_bin: env!("CARGO_BIN_EXE_taskwire").to_string(),
             json: false,
             engine: "memory".into(),
+            kill_server_at_ms: None,
             server_args: vec![],
         };
         let mut it = args.into_iter();
@@ -110,6 +118,7 @@ impl Opts {
                 "--label" => o.label = Some(value(&flag)?),
                 "--server-bin" => o.server_bin = value(&flag)?,
                 "--json" => o.json = true,
+                "--kill-server-at-ms" => o.kill_server_at_ms = Some(num(&flag, value(&flag)?)?),
                 "--engine" => {
                     o.engine = value(&flag)?;
                     if !matches!(o.engine.as_str(), "memory" | "redis-all" | "redis-split") {
@@ -153,6 +162,10 @@ impl Opts {
             base
         } else {
             format!("{base}, engine {}", self.engine)
+        };
+        let base = match self.kill_server_at_ms {
+            Some(at) => format!("{base}, server SIGKILLed at +{at} ms"),
+            None => base,
         };
         let base = if self.server_args.is_empty() {
             base
@@ -449,6 +462,8 @@ struct ClientResult {
     connected: bool,
     /// Closed by the server (or the stream failed) before it was done.
     disconnected: bool,
+    /// Reconnections after the server was killed (`--kill-server-at-ms`).
+    reconnects: u64,
     /// Every `task` message: receipt − `updated_ms`, in ms.
     staleness: Vec<u32>,
     /// The first final `task` message of each task: receipt − `updated_ms`.
@@ -499,7 +514,7 @@ async fn client(plan: ClientPlan) -> ClientResult {
     let mut res = ClientResult::default();
 
     // Connect (a bounded number of handshakes at once) and read `welcome`.
-    let ws = {
+    let (ws, session) = {
         let _permit = connect_permits.acquire().await.expect("semaphore");
         let connected = tokio::time::timeout(Duration::from_secs(30), async {
             let (mut ws, _) =
@@ -510,7 +525,7 @@ async fn client(plan: ClientPlan) -> ClientResult {
                 match ws.next().await {
                     Some(Ok(Message::Text(t))) => {
                         return match serde_json::from_str::<ServerMsg>(t.as_str()) {
-                            Ok(ServerMsg::Welcome { .. }) => Ok(ws),
+                            Ok(ServerMsg::Welcome { session, .. }) => Ok((ws, session)),
                             other => Err(format!("first frame not welcome: {other:?}")),
                         };
                     }
@@ -523,7 +538,7 @@ async fn client(plan: ClientPlan) -> ClientResult {
         })
         .await;
         match connected {
-            Ok(Ok(ws)) => ws,
+            Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 if live.connect_failed.fetch_add(1, Ordering::Relaxed) < 3 {
                     eprintln!("loadgen: client {index} failed to connect: {e}");
@@ -582,6 +597,8 @@ async fn client(plan: ClientPlan) -> ClientResult {
     let mut answered = 0usize; // starts answered by `accepted` or an error
     let mut finals = 0usize;
     let mut stale = Vec::with_capacity(per * 24);
+    // Sinks of the connections made after a server restart (kept open).
+    let mut sinks = Vec::new();
 
     while answered < per || finals < views.len() {
         let frame = tokio::select! {
@@ -593,8 +610,88 @@ async fn client(plan: ClientPlan) -> ClientResult {
         let text = match frame {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                res.disconnected = true;
-                break;
+                if opts.kill_server_at_ms.is_none() {
+                    res.disconnected = true;
+                    break;
+                }
+                // The server was killed: reconnect with the cookie until it
+                // is back (or the deadline), and take `welcome` as the truth.
+                let again = loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if Instant::now() >= deadline {
+                        break None;
+                    }
+                    let mut req = url.as_str().into_client_request().expect("a ws url");
+                    req.headers_mut().insert(
+                        "cookie",
+                        format!("taskwire_session={session}")
+                            .parse()
+                            .expect("a header"),
+                    );
+                    let Ok((mut ws, _)) =
+                        tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true)
+                            .await
+                    else {
+                        continue;
+                    };
+                    if let Some(Ok(Message::Text(t))) = ws.next().await {
+                        if let Ok(ServerMsg::Welcome {
+                            session: s, tasks, ..
+                        }) = serde_json::from_str::<ServerMsg>(t.as_str())
+                        {
+                            break Some((ws, s, tasks));
+                        }
+                    }
+                };
+                let Some((ws, same, tasks)) = again else {
+                    res.disconnected = true;
+                    break;
+                };
+                res.reconnects += 1;
+                if same != session {
+                    *res.errors
+                        .entry("new session after restart".into())
+                        .or_default() += 1;
+                }
+                for task in tasks {
+                    let is_final = task.state.is_final();
+                    match views.get_mut(&task.id) {
+                        Some(v) => {
+                            if task.seq < v.seq {
+                                res.seq_regressions += 1;
+                            }
+                            if !v.state.is_final() {
+                                (v.state, v.done, v.seq) = (task.state, task.done, task.seq);
+                                if is_final {
+                                    finals += 1;
+                                    live.finals.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        None => {
+                            // Accepted before the kill, `accepted` lost with it.
+                            answered += 1;
+                            res.accepted += 1;
+                            live.accepted.fetch_add(1, Ordering::Relaxed);
+                            if is_final {
+                                finals += 1;
+                                live.finals.fetch_add(1, Ordering::Relaxed);
+                            }
+                            views.insert(
+                                task.id,
+                                TaskView {
+                                    state: task.state,
+                                    done: task.done,
+                                    seq: task.seq,
+                                },
+                            );
+                        }
+                    }
+                }
+                let (new_sink, new_stream) = ws.split();
+                sinks.push(new_sink);
+                stream = new_stream;
+                continue;
             }
             Some(Ok(_)) => continue,
         };
@@ -690,6 +787,9 @@ async fn client(plan: ClientPlan) -> ClientResult {
     if let Ok(mut sink) = sender.await {
         let _ = sink.close().await;
     }
+    for mut sink in sinks {
+        let _ = sink.close().await;
+    }
     res
 }
 
@@ -737,21 +837,23 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     let data_dir = std::env::temp_dir().join(format!("taskwire-loadgen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data_dir);
     let own_data_dir = !opts.server_args.iter().any(|a| a == "--data-dir");
-    let taskwire = |role: &str| {
+    let (poll_interval_ms, server_args) = (opts.poll_interval_ms, opts.server_args.clone());
+    let taskwire_on = |role: &str, listen: &str| {
         let mut cmd = Command::new(&bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--backend"])
+        cmd.args(["--listen", listen, "--backend"])
             .arg(format!("http://{}", sim.addr))
             .arg("--poll-interval-ms")
-            .arg(opts.poll_interval_ms.to_string());
+            .arg(poll_interval_ms.to_string());
         if let Some(r) = &redis {
             cmd.args(["--redis", &r.url(), "--role", role]);
         }
         if own_data_dir && redis.is_none() {
             cmd.arg("--data-dir").arg(&data_dir);
         }
-        cmd.args(&opts.server_args).current_dir(&root);
+        cmd.args(&server_args).current_dir(&root);
         cmd
     };
+    let taskwire = |role: &str| taskwire_on(role, "127.0.0.1:0");
     let split = opts.engine == "redis-split";
     let mut server = ChildProc::start(
         "server",
@@ -854,6 +956,30 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         })
     };
 
+    // The mid-run crash: SIGKILL, then the same server again.
+    let mut restarted = 0u64;
+    if let Some(at) = opts.kill_server_at_ms {
+        tokio::time::sleep_until((go_at + Duration::from_millis(at)).into()).await;
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        eprintln!(
+            "loadgen: +{:>5.1} s  server SIGKILLed",
+            go_at.elapsed().as_secs_f64()
+        );
+        let listen = server.addr.to_string();
+        server = ChildProc::start(
+            "server",
+            taskwire_on("all", &listen),
+            "taskwire listening on http://",
+        )?;
+        restarted += 1;
+        eprintln!(
+            "loadgen: +{:>5.1} s  server back (pid {}; CPU and RSS figures below are this process's only)",
+            go_at.elapsed().as_secs_f64(),
+            server.pid()
+        );
+    }
+
     let mut results = Vec::with_capacity(opts.clients);
     for h in handles {
         results.push(h.await.map_err(|e| format!("a client panicked: {e}"))?);
@@ -904,10 +1030,11 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut right, mut finished, mut unfinished) = (0u64, 0u64, 0u64);
     let mut final_states: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let (mut connected, mut disconnected) = (0u64, 0u64);
+    let (mut connected, mut disconnected, mut reconnects) = (0u64, 0u64, 0u64);
     for r in results {
         connected += r.connected as u64;
         disconnected += r.disconnected as u64;
+        reconnects += r.reconnects;
         staleness.extend_from_slice(&r.staleness);
         final_staleness.extend_from_slice(&r.final_staleness);
         for (k, v) in r.errors {
@@ -982,6 +1109,8 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         "tasks": total_tasks,
         "clients_connected": connected,
         "clients_disconnected": disconnected,
+        "server_restarts": restarted,
+        "client_reconnects": reconnects,
         "connect_s": round(connect_s, 2),
         "accepted": accepted,
         "start_errors": start_errors,
@@ -1083,6 +1212,14 @@ fn print_table(r: &serde_json::Value) {
                 s(&r["clients_connected"]),
                 s(&r["clients_disconnected"]),
                 s(&r["connect_s"])
+            ),
+        ),
+        (
+            "server restarts / client reconnects",
+            format!(
+                "{} / {}",
+                s(&r["server_restarts"]),
+                s(&r["client_reconnects"])
             ),
         ),
         (

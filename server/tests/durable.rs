@@ -245,3 +245,43 @@ async fn page_views_leave_no_sessions() {
     }
     app.stop().await;
 }
+
+/// More live tasks on disk than the delay queue's command channel holds
+/// (4,096): the start-up loads them all and polls every one (it once
+/// waited forever on the channel nobody drained yet).
+#[tokio::test]
+async fn thousands_of_live_tasks_load_and_resume() {
+    use server::clock::Clock;
+    use server::engine::fanout::Fanout;
+    use server::engine::memory::{durable, Table};
+    const N: usize = 5_000;
+    let dir = TempDir::new("many");
+    let clock = Clock::new();
+    {
+        let (db, _) = durable::open(&dir.0).unwrap();
+        let table = Table::new(Fanout::new(clock), true);
+        let session: std::sync::Arc<str> = "0123456789abcdef0123456789abcdef".into();
+        let params = serde_json::json!({"duration_ms": 2_000, "steps": 2});
+        for i in 0..N {
+            let mut task = server::task::new_task("simulate", Some(params.clone()), clock.now_ms());
+            task.id = format!("t{i:05}");
+            table.insert(&session, &task, &format!("b{i:05}"));
+        }
+        let store = durable::Durable::start(db, table);
+        store.flush().await.unwrap();
+        store.close().await;
+    }
+    let mut config = Config::for_tests();
+    config.ephemeral = false;
+    config.data_dir = dir.0.clone();
+    let app = tokio::time::timeout(Duration::from_secs(60), TestApp::spawn(config))
+        .await
+        .expect("the start-up does not hang");
+    assert_eq!(app.state.engine.counts().tasks, N);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.state.engine.counts().live_tasks > 0 {
+        assert!(Instant::now() < deadline, "the loaded tasks never finished");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}

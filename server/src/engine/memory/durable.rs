@@ -207,6 +207,8 @@ fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
             next_checkpoint = Instant::now() + CHECKPOINT_INTERVAL;
         }
         if let Some(ack) = stop {
+            // Closed before the answer: whoever waits may open it again.
+            drop(db);
             if let Some(ack) = ack {
                 let _ = ack.send(());
             }

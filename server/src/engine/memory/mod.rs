@@ -63,7 +63,7 @@ impl MemoryEngine {
         let records = durable::load(&db, &path)?;
         let now_ms = ctx.clock.now_ms();
         let table = Table::new(fanout, true);
-        let (queue, handle) = Queue::new(table.clone(), ctx.clone(), limits, retention);
+        let (mut queue, handle) = Queue::new(table.clone(), ctx.clone(), limits, retention);
         let durable = Durable::start(db, table.clone());
         let engine = MemoryEngine {
             table,
@@ -78,14 +78,14 @@ impl MemoryEngine {
                 finished += 1;
                 let ends_ms = record.task.updated_ms + retention.as_millis() as u64;
                 let left = Duration::from_millis(ends_ms.saturating_sub(now_ms));
-                engine.queue.expire_task(id, left).await;
+                queue.preload_expiry(id, left);
             } else {
                 live += 1;
                 let task = &record.task;
                 let params = task.params.clone().unwrap_or_default();
                 ctx.backend
                     .restore(&record.backend_id, &task.kind, &params, task.created_ms);
-                engine.queue.poll(id, Duration::ZERO).await;
+                queue.preload_poll(id, Duration::ZERO);
             }
         }
         tracing::info!(live, finished, file = %path.display(), "durable store loaded");

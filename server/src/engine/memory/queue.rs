@@ -120,6 +120,18 @@ impl Queue {
         (queue, QueueHandle { tx })
     }
 
+    /// Before the queue runs (start-up, from the durable store): `task`'s
+    /// poll, due after `delay`. Straight into the queue, not through the
+    /// bounded command channel, which nobody drains yet.
+    pub fn preload_poll(&mut self, task: Arc<str>, delay: Duration) {
+        self.schedule(Job::Poll(task), delay);
+    }
+
+    /// Before the queue runs: a finished task's expiry after `delay`.
+    pub fn preload_expiry(&mut self, task: Arc<str>, delay: Duration) {
+        self.schedule(Job::ExpireTask(task), delay);
+    }
+
     /// Inserts or moves a job: one entry per job, ever.
     fn schedule(&mut self, job: Job, delay: Duration) {
         self.schedule_at(job, Instant::now() + delay);
