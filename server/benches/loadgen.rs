@@ -47,6 +47,9 @@ usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...
                           process on Redis) or redis-split (one web and
                           one worker process on Redis); starts its own
                           redis-server on a free port for the Redis ones
+  --kill-server-at-ms N   SIGKILL the server N ms after the go and start it
+                          again (same port, same data dir); clients
+                          reconnect with their cookies (memory engine)
   --json                  print one JSON object instead of a table
   --server-args ARGS...   everything after this goes to the server";
 
