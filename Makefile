@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/target/tools/node_modules/.bin:$(HOME)/.cargo/bin:$(PAT
 ## Serve taskwire at http://127.0.0.1:3000 with the embedded simulator.
 run:
 	.ci/setup build
-	cargo leptos build --release
+	cargo leptos build --release --precompress
 	./target/release/taskwire
 
 ## Every test: format, lints (server and wasm), unit + integration, end-to-end.
@@ -20,7 +20,7 @@ setup:
 
 build:
 	.ci/setup build
-	cargo leptos build --release
+	cargo leptos build --release --precompress
 
 ## Development: rebuilds and reloads the page on every edit.
 dev:
@@ -42,5 +42,5 @@ unit:
 	cargo test -p app -p server
 
 e2e:
-	cargo leptos build --release
+	cargo leptos build --release --precompress
 	cd end2end && npx playwright test

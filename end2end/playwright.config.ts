@@ -55,7 +55,7 @@ export default defineConfig({
 
   webServer: {
     // Run from the repository root: the release binary finds target/site there.
-    command: `./target/release/taskwire --listen 127.0.0.1:${PORT} --poll-interval-ms 200 --data-dir ${DATA_DIR}`,
+    command: `./target/release/taskwire --listen 127.0.0.1:${PORT} --admin-listen 127.0.0.1:0 --poll-interval-ms 200 --data-dir ${DATA_DIR}`,
     cwd: '..',
     url: `${BASE_URL}/`,
     reuseExistingServer: false,

@@ -11,7 +11,7 @@ pub mod ui;
 #[cfg(feature = "hydrate")]
 mod client;
 
-pub use page::InitialTasks;
+pub use page::{InitialTasks, StylesheetHref};
 pub use ui::App;
 
 /// The id of the `<script>` in the page's head holding the session's tasks
@@ -27,7 +27,9 @@ pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::I
     let initial = serde_json::to_string(&tasks)
         .unwrap_or_else(|_| "[]".into())
         .replace("</", "<\\/");
-    let stylesheet = format!("/{}/{}.css", options.site_pkg_dir, options.output_name);
+    let stylesheet = use_context::<page::StylesheetHref>()
+        .map(|h| h.0)
+        .unwrap_or_else(|| format!("/{}/{}.css", options.site_pkg_dir, options.output_name));
     view! {
         <!DOCTYPE html>
         <html lang="en">

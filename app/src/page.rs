@@ -99,6 +99,11 @@ impl PageState {
 #[derive(Clone, Debug, Default)]
 pub struct InitialTasks(pub Vec<Task>);
 
+/// Where the page's stylesheet is (its name carries a content hash when
+/// cargo-leptos hashed the assets); the server provides it.
+#[derive(Clone, Debug)]
+pub struct StylesheetHref(pub String);
+
 /// "taskwire", or "(N running) taskwire" while N tasks run.
 pub fn page_title<'a>(tasks: impl Iterator<Item = &'a Task>) -> String {
     match tasks.filter(|t| !t.state.is_final()).count() {

@@ -417,7 +417,9 @@ fn TaskCard(id: String, page: PageState, send: Callback<ClientMsg>) -> impl Into
             <div class="bar-row">
                 <div class="bar" role="progressbar" aria-label=label aria-valuemin="0" aria-valuemax="100"
                     aria-valuenow=move || pct.get().map(|p| p.to_string())>
-                    <div class="fill" style:width=move || format!("{}%", pct.get().unwrap_or(0))></div>
+                    // A class per whole percent, not a style attribute: the page's CSP
+                    // allows no inline style (style/main.css holds .p0 … .p100).
+                    <div class=move || format!("fill p{}", pct.get().unwrap_or(0).min(100))></div>
                 </div>
                 <svg class="spark" viewBox="0 0 100 20" preserveAspectRatio="none" aria-hidden="true">
                     <polyline points=spark/>

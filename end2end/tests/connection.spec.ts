@@ -1,5 +1,4 @@
-import { test, expect } from '@playwright/test';
-import { logBrowserErrors, openApp, percentOf, startTask, taskItem } from './helpers';
+import { expect, logBrowserErrors, openApp, percentOf, startTask, taskItem, test } from './helpers';
 
 // The connection indicator follows the browser's network state.
 

@@ -1,4 +1,4 @@
-import { test, expect, type Page } from '@playwright/test';
+import { type Page } from '@playwright/test';
 import {
   expectNewTasks,
   expectNoDuplicates,
@@ -11,6 +11,8 @@ import {
   startTask,
   taskItem,
   waitReady,
+  expect,
+  test,
 } from './helpers';
 
 // "A page people enjoy watching": batches, reloads mid-run, light and dark,

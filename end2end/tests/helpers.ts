@@ -1,4 +1,4 @@
-import { expect, type Locator, type Page } from '@playwright/test';
+import { test as base, expect, type Locator, type Page } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { mkdtempSync } from 'node:fs';
@@ -26,6 +26,41 @@ import path from 'node:path';
 // fresh session cookie and an empty task list of its own.
 
 export const TERMINAL_STATES = ['succeeded', 'failed', 'cancelled'];
+
+/**
+ * Playwright's `test`, with every page of the test watched for
+ * Content-Security-Policy violations (the `securitypolicyviolation` event and
+ * the console's report of it): any violation fails the test, unless it sets
+ * `test.use({ allowCspViolations: true })` to look at `cspViolations` itself.
+ */
+export const test = base.extend<{ allowCspViolations: boolean; cspViolations: string[] }>({
+  allowCspViolations: [false, { option: true }],
+  cspViolations: [
+    async ({ context, allowCspViolations }, use) => {
+      const violations: string[] = [];
+      context.on('console', (msg) => {
+        if (/Content Security Policy/i.test(msg.text())) violations.push(msg.text());
+      });
+      await context.exposeBinding('__twCspViolation', (_source, text: string) => {
+        violations.push(text);
+      });
+      // Init scripts run outside the page's CSP.
+      await context.addInitScript(() => {
+        document.addEventListener('securitypolicyviolation', (e) => {
+          const report = (window as unknown as { __twCspViolation: (t: string) => void })
+            .__twCspViolation;
+          report(`${e.effectiveDirective} refused ${e.blockedURI || '(inline)'}`);
+        });
+      });
+      await use(violations);
+      if (!allowCspViolations) {
+        expect(violations, 'no Content-Security-Policy violation in the browser').toEqual([]);
+      }
+    },
+    { auto: true },
+  ],
+});
+export { expect };
 
 /** The repository root (the release binary runs from there). */
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -192,7 +227,16 @@ export class OwnServer {
     expect(this.child, 'the server is not already running').toBeNull();
     const child = spawn(
       './target/release/taskwire',
-      ['--listen', `127.0.0.1:${this.port}`, '--poll-interval-ms', '200', '--data-dir', this.dataDir],
+      [
+        '--listen',
+        `127.0.0.1:${this.port}`,
+        '--admin-listen',
+        '127.0.0.1:0',
+        '--poll-interval-ms',
+        '200',
+        '--data-dir',
+        this.dataDir,
+      ],
       { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     this.child = child;

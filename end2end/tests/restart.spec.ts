@@ -1,4 +1,3 @@
-import { test, expect } from '@playwright/test';
 import {
   OwnServer,
   freePort,
@@ -9,6 +8,8 @@ import {
   startTask,
   taskItem,
   waitReady,
+  expect,
+  test,
 } from './helpers';
 
 // Stopping the server under a watching page and starting it again. This test

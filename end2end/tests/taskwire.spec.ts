@@ -1,4 +1,3 @@
-import { test, expect } from '@playwright/test';
 import {
   TERMINAL_STATES,
   listedTaskIds,
@@ -9,6 +8,8 @@ import {
   startTask,
   taskItem,
   waitReady,
+  expect,
+  test,
 } from './helpers';
 
 // The core flows: progress, cancel, reload, failure. The page's DOM contract

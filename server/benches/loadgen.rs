@@ -854,6 +854,8 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             cmd.arg("--data-dir").arg(&data_dir);
         }
         cmd.args(&server_args).current_dir(&root);
+        // Several processes side by side: each its own admin port.
+        cmd.env("TASKWIRE_ADMIN_LISTEN", "127.0.0.1:0");
         cmd
     };
     let taskwire = |role: &str| taskwire_on(role, "127.0.0.1:0");

@@ -55,6 +55,25 @@ impl std::str::FromStr for BackendChoice {
     }
 }
 
+/// `--admin-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminListen {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(AdminListen::Off);
+        }
+        s.parse()
+            .map(AdminListen::At)
+            .map_err(|_| format!("expected an address like 127.0.0.1:3002, or `off`, got `{s}`"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PollMode {
     Adaptive,
@@ -155,6 +174,31 @@ pub struct Config {
     #[arg(long, env = "TASKWIRE_ROLE", default_value = "all")]
     pub role: Role,
 
+    /// Where the operators' endpoints (`/metrics`) listen, apart from the
+    /// public port; `off`: nowhere. The public port keeps `/healthz` only.
+    #[arg(long, env = "TASKWIRE_ADMIN_LISTEN", default_value = "127.0.0.1:3002")]
+    pub admin_listen: AdminListen,
+
+    /// The page's CSP `frame-ancestors`: `'none'` (no site may frame it),
+    /// or the sources that may, e.g. `'self' https://intranet.example`.
+    #[arg(long, env = "TASKWIRE_FRAME_ANCESTORS", default_value = "'none'")]
+    pub frame_ancestors: String,
+
+    /// An HTTP request that has no response after this long is answered
+    /// 408 (a WebSocket, once upgraded, is not a request any more).
+    #[arg(long, env = "TASKWIRE_REQUEST_TIMEOUT_S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_s: u64,
+
+    /// The largest HTTP request body any route accepts (413 beyond).
+    #[arg(long, env = "TASKWIRE_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: u64,
+
+    /// The built site (`pkg/`, `favicon.svg`); by default what cargo-leptos
+    /// says (`LEPTOS_SITE_ROOT`), else `target/site`.
+    #[arg(long, env = "TASKWIRE_SITE_ROOT")]
+    pub site_root: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub limits: ClientLimits,
 }
@@ -215,6 +259,14 @@ impl Config {
     /// Defaults for tests: port 0, embedded backend, nothing on disk (the
     /// durable tests give their own `data_dir`).
     pub fn for_tests() -> Self {
-        Cli::parse_from(["taskwire", "--listen", "127.0.0.1:0", "--ephemeral"]).config
+        Cli::parse_from([
+            "taskwire",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--ephemeral",
+        ])
+        .config
     }
 }

@@ -18,7 +18,7 @@ use axum::extract::FromRef;
 use axum::Router;
 use backend::Backend;
 use clock::Clock;
-use config::{BackendChoice, Config, Role};
+use config::{AdminListen, BackendChoice, Config, Role};
 use engine::fanout::{CloseReason, Fanout};
 use engine::memory::queue::Queue;
 use engine::memory::MemoryEngine;
@@ -69,6 +69,11 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} (--admin-listen; `off` disables it): {source}")]
+    AdminListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("bad backend: {0}")]
     Backend(#[from] backend::BackendError),
     #[error("bad Redis URL: {0}")]
@@ -82,6 +87,8 @@ pub enum StartupError {
 /// A built server, bound to its port, not yet serving.
 pub struct Application {
     tcp: TcpListener,
+    /// The operators' listener (`--admin-listen`) and its address.
+    admin: Option<(TcpListener, SocketAddr)>,
     router: Router,
     state: AppState,
     /// The memory engine's delay queue.
@@ -195,6 +202,32 @@ impl Application {
             leptos_options.output_name = "taskwire".into();
         }
         leptos_options.site_addr = addr;
+        if let Some(root) = &config.site_root {
+            leptos_options.site_root = root.to_string_lossy().into_owned().into();
+        }
+        // cargo-leptos writes the assets' hashes beside the binary
+        // (`hash-files`); run without cargo-leptos's environment (`make
+        // run`), the file still says the names are hashed.
+        let hash_file = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(&*leptos_options.hash_file)))
+            .unwrap_or_default();
+        let assets = web::headers::HashedAssets::load(
+            &hash_file,
+            &leptos_options.site_pkg_dir,
+            &leptos_options.output_name,
+        );
+        leptos_options.hash_files = assets.hash_of("wasm").is_some();
+
+        let admin = match config.admin_listen {
+            AdminListen::Off => None,
+            AdminListen::At(at) => {
+                let err = |source| StartupError::AdminListen { addr: at, source };
+                let tcp = TcpListener::bind(at).await.map_err(err)?;
+                let bound = tcp.local_addr().map_err(err)?;
+                Some((tcp, bound))
+            }
+        };
 
         let connections = Arc::new(tokio::sync::Semaphore::new(
             (config.limits.max_connections as usize).min(tokio::sync::Semaphore::MAX_PERMITS),
@@ -208,12 +241,13 @@ impl Application {
             connections,
         };
         let router = if state.config.role.serves_clients() {
-            web::router(state.clone())
+            web::router(state.clone(), assets)
         } else {
             web::worker_router(state.clone())
         };
         Ok(Application {
             tcp,
+            admin,
             router,
             state,
             queue,
@@ -225,6 +259,11 @@ impl Application {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served (`--admin-listen`), unless it is `off`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, at)| *at)
     }
 
     pub fn state(&self) -> &AppState {
@@ -243,6 +282,20 @@ impl Application {
         let worker = self.worker.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         if let Some(listener) = self.listener {
             tokio::spawn(listener.run(stop_rx.clone()));
+        }
+        // The admin listener stops with the rest (it holds no connection
+        // worth draining).
+        if let Some((tcp, _)) = self.admin {
+            let admin = web::admin_router(self.state.clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(tcp, admin).with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::warn!(error = %e, "the admin listener stopped");
+                }
+            });
         }
         let engine = self.state.engine.clone();
         let serve = axum::serve(self.tcp, self.router).with_graceful_shutdown(async move {

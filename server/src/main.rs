@@ -33,6 +33,9 @@ async fn run(config: server::config::Config) -> Result<(), Box<dyn std::error::E
     // Before the address goes out: a signal from then on shuts down cleanly.
     let stop = server::shutdown_signal();
     tracing::info!("taskwire listening on http://{}", app.addr());
+    if let Some(admin) = app.admin_addr() {
+        tracing::info!("metrics for operators at http://{admin}/metrics");
+    }
     app.run_until(stop).await?;
     Ok(())
 }

@@ -190,6 +190,7 @@ fn a_damaged_file_is_a_clear_startup_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_taskwire"))
         .args(["--listen", "127.0.0.1:0", "--data-dir", dir.arg()])
         .env("NO_COLOR", "1")
+        .env("TASKWIRE_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()

@@ -21,6 +21,8 @@ pub const RECV_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    pub admin: SocketAddr,
     pub state: AppState,
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -30,6 +32,7 @@ impl TestApp {
     pub async fn spawn(config: Config) -> TestApp {
         let app = Application::build(config).await.expect("app builds");
         let addr = app.addr();
+        let admin = app.admin_addr().expect("tests keep the admin listener");
         let state = app.state().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until(async move {
@@ -37,6 +40,7 @@ impl TestApp {
         }));
         TestApp {
             addr,
+            admin,
             state,
             stop: Some(tx),
             handle,
@@ -217,6 +221,8 @@ pub fn spawn_taskwire(args: &[&str]) -> (Child, SocketAddr) {
         .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        // Processes side by side: each its own admin port.
+        .env("TASKWIRE_ADMIN_LISTEN", "127.0.0.1:0")
         // Nothing on disk unless the test gives a `--data-dir`: test
         // processes run side by side.
         .env(
