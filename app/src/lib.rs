@@ -2,6 +2,7 @@
 //! UI. Browser-only code (the WebSocket client) sits behind `hydrate`,
 //! server-only code (the HTML shell) behind `ssr`.
 
+pub mod kinds;
 pub mod page;
 pub mod protocol;
 pub mod simulate;

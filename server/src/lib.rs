@@ -18,7 +18,9 @@ use axum::extract::FromRef;
 use axum::Router;
 use backend::Backend;
 use clock::Clock;
-use config::{AdminListen, BackendChoice, Config, Role};
+use config::file::AdapterSpec;
+use config::{AdminListen, Config, Role};
+use engine::backends::{Backends, Slot};
 use engine::fanout::{CloseReason, Fanout};
 use engine::memory::queue::Queue;
 use engine::memory::MemoryEngine;
@@ -48,8 +50,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Sessions, tasks and their fan-out: in memory, or in Redis.
     pub engine: Engine,
-    /// The poll pipeline's counters (memory queue or Redis worker).
-    pub stats: Arc<PollStats>,
+    /// The poll pipeline's counters, per backend (memory queues or Redis worker).
+    pub stats: Arc<[Arc<PollStats>]>,
     /// The embedded simulator, when that is the backend.
     pub sim: Option<Arc<Simulator>>,
     /// One permit per open WebSocket (`--max-connections`).
@@ -91,8 +93,8 @@ pub struct Application {
     admin: Option<(TcpListener, SocketAddr)>,
     router: Router,
     state: AppState,
-    /// The memory engine's delay queue.
-    queue: Option<Queue>,
+    /// The memory engine's delay queues, one per backend.
+    queues: Vec<Queue>,
     /// The Redis engine's poller (roles `all` and `worker`).
     worker: Option<Worker>,
     /// The Redis engine's change feed (roles `all` and `web`).
@@ -101,7 +103,8 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> Result<Application, StartupError> {
+    pub async fn build(mut config: Config) -> Result<Application, StartupError> {
+        config.resolve();
         let clock = Clock::new();
         if config.redis.is_none() && config.role != Role::All {
             return Err(StartupError::Config(
@@ -109,7 +112,11 @@ impl Application {
                     .into(),
             ));
         }
-        if config.role != Role::All && config.backend == BackendChoice::Embedded {
+        let embedded = config
+            .backends
+            .iter()
+            .any(|b| b.adapter == AdapterSpec::Embedded);
+        if config.role != Role::All && embedded {
             return Err(StartupError::Config(
                 "--role web and --role worker need a shared task service: --backend http://..."
                     .into(),
@@ -122,62 +129,45 @@ impl Application {
                 _ => tracing::warn!("Redis is not answering yet; carrying on and retrying"),
             }
         }
-        let (backend, sim) = match &config.backend {
-            BackendChoice::Embedded => {
-                let sim = Arc::new(Simulator::new());
-                (Backend::embedded(sim.clone(), clock), Some(sim))
-            }
-            BackendChoice::Http(url) => (
-                Backend::http(url, Duration::from_millis(config.backend_timeout_ms), clock)?,
-                None,
-            ),
-        };
-        let policy = Arc::new(PollPolicy {
-            poll_interval_ms: config.poll_interval_ms,
-            poll_min_ms: config.poll_min_ms,
-            adaptive: config.poll_mode == config::PollMode::Adaptive,
-            give_up_ms: config.backend_give_up_s.saturating_mul(1000),
-            retention_ms: config.retention_s.saturating_mul(1000),
-        });
-        let limits = Limits {
-            max_in_flight: config.max_concurrent_polls as usize,
-            max_polls_per_s: config.max_polls_per_s,
-        };
         // The recorder first: handles taken before it would go nowhere.
         let _ = metrics::handle();
-        let stats = Arc::new(PollStats::default());
-        let ctx = Arc::new(PollCtx {
-            backend: backend.clone(),
-            policy: policy.clone(),
-            clock,
-            stats: stats.clone(),
-        });
+        let (backends, sim) = build_backends(&config, clock)?;
         let retention = Duration::from_secs(config.retention_s);
         let fanout = Fanout::new(clock);
-        let (engine, queue, worker, listener) = match store {
+        let (engine, queues, worker, listener) = match store {
             None => {
-                let (memory, queue) = if config.ephemeral {
-                    MemoryEngine::new(fanout.clone(), ctx, &limits, retention)
+                let (memory, queues) = if config.ephemeral {
+                    MemoryEngine::with_backends(fanout.clone(), &backends, retention)
                 } else {
-                    MemoryEngine::open(fanout.clone(), ctx, &limits, retention, &config.data_dir)
+                    MemoryEngine::open(fanout.clone(), &backends, retention, &config.data_dir)
                         .await?
                 };
-                let engine = Engine::new(fanout, Imp::Memory(memory), backend, policy, clock);
-                (engine, Some(queue), None, None)
+                let engine =
+                    Engine::with_backends(fanout, Imp::Memory(memory), backends.clone(), clock);
+                (engine, queues, None, None)
             }
             Some(store) => {
+                if backends.slots().len() > 1 {
+                    return Err(StartupError::Config(
+                        "the Redis engine brokers for one backend in this version; \
+                         several backends need the memory engine (no --redis)"
+                            .into(),
+                    ));
+                }
+                let slot = backends.slot(0);
                 let redis = RedisEngine::new(store.clone(), clock, config.retention_s);
                 let worker = config.role.polls().then(|| Worker {
                     engine: redis.clone(),
-                    ctx,
-                    limits,
+                    ctx: slot.ctx.clone(),
+                    limits: slot.limits.clone(),
                 });
                 let listener = config
                     .role
                     .serves_clients()
                     .then(|| Listener::new(store, fanout.clone(), retention));
-                let engine = Engine::new(fanout, Imp::Redis(redis), backend, policy, clock);
-                (engine, None, worker, listener)
+                let engine =
+                    Engine::with_backends(fanout, Imp::Redis(redis), backends.clone(), clock);
+                (engine, Vec::new(), worker, listener)
             }
         };
 
@@ -232,6 +222,11 @@ impl Application {
         let connections = Arc::new(tokio::sync::Semaphore::new(
             (config.limits.max_connections as usize).min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let stats = backends
+            .slots()
+            .iter()
+            .map(|s| s.ctx.stats.clone())
+            .collect();
         let state = AppState {
             leptos_options,
             config: Arc::new(config),
@@ -250,7 +245,7 @@ impl Application {
             admin,
             router,
             state,
-            queue,
+            queues,
             worker,
             listener,
             addr,
@@ -277,7 +272,11 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let queue = self.queue.map(|q| tokio::spawn(q.run(stop_rx.clone())));
+        let queues: Vec<_> = self
+            .queues
+            .into_iter()
+            .map(|q| tokio::spawn(q.run(stop_rx.clone())))
+            .collect();
         tokio::spawn(upkeep(self.state.clone(), stop_rx.clone()));
         let worker = self.worker.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         if let Some(listener) = self.listener {
@@ -314,7 +313,7 @@ impl Application {
             .min(tokio::sync::Semaphore::MAX_PERMITS as u32);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             let _ = connections.acquire_many(every_permit).await;
-            if let Some(queue) = queue {
+            for queue in queues {
                 let _ = queue.await;
             }
             if let Some(worker) = worker {
@@ -332,6 +331,55 @@ impl Application {
     }
 }
 
+/// Each configured backend with its adapter, cadence, limits and counters;
+/// and the simulator, when one of them is the embedded one.
+fn build_backends(
+    config: &Config,
+    clock: Clock,
+) -> Result<(Backends, Option<Arc<Simulator>>), StartupError> {
+    let mut sim: Option<Arc<Simulator>> = None;
+    let mut slots = Vec::with_capacity(config.backends.len());
+    for spec in &config.backends {
+        let timeout = Duration::from_millis(spec.timeout_ms);
+        let backend = match &spec.adapter {
+            AdapterSpec::Embedded => {
+                let sim = sim.get_or_insert_with(|| Arc::new(Simulator::new()));
+                Backend::embedded(sim.clone(), clock)
+            }
+            AdapterSpec::Taskwire { url } => Backend::http(url, timeout, clock)?,
+            other => {
+                return Err(StartupError::Config(format!(
+                    "backend `{}`: the {} adapter is not built into this version yet",
+                    spec.name,
+                    other.name()
+                )))
+            }
+        };
+        let policy = Arc::new(PollPolicy {
+            poll_interval_ms: spec.poll_interval_ms,
+            poll_min_ms: spec.poll_min_ms,
+            adaptive: spec.poll_mode == config::PollMode::Adaptive,
+            give_up_ms: spec.give_up_s.saturating_mul(1000),
+            retention_ms: config.retention_s.saturating_mul(1000),
+        });
+        let ctx = Arc::new(PollCtx {
+            backend,
+            policy,
+            clock,
+            stats: Arc::new(PollStats::for_backend(&spec.name)),
+        });
+        slots.push(Slot {
+            name: spec.name.as_str().into(),
+            ctx,
+            limits: Limits {
+                max_in_flight: usize::try_from(spec.max_concurrent_polls).unwrap_or(usize::MAX),
+                max_polls_per_s: spec.max_polls_per_s,
+            },
+        });
+    }
+    Ok((Backends::new(slots, config.kinds.clone()), sim))
+}
+
 /// Copies the engine's sizes and the poll counters into the metrics
 /// registry every [`metrics::UPKEEP_INTERVAL`]. A sleep loop is right here:
 /// one per process, not a timer per task (polls come from the delay queue).
@@ -346,14 +394,19 @@ async fn upkeep(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(m::UPKEEP_INTERVAL) => {}
         }
         let counts = state.engine.counts();
-        let stats = &state.stats;
         ::metrics::gauge!(m::LIVE_TASKS).set(counts.live_tasks as f64);
         ::metrics::gauge!(m::TASKS).set(counts.tasks as f64);
         ::metrics::gauge!(m::SESSIONS).set(counts.sessions as f64);
-        ::metrics::gauge!(m::QUEUE_DEPTH).set(stats.queue_depth.load(Ordering::Relaxed) as f64);
-        ::metrics::gauge!(m::POLLS_IN_FLIGHT).set(stats.in_flight.load(Ordering::Relaxed) as f64);
-        ::metrics::counter!(m::POLLS).absolute(stats.polls.load(Ordering::Relaxed));
-        ::metrics::counter!(m::POLLS_DEFERRED).absolute(stats.deferred.load(Ordering::Relaxed));
+        for stats in state.stats.iter() {
+            let b = || ::metrics::Label::new("backend", stats.backend.to_string());
+            let depth = stats.queue_depth.load(Ordering::Relaxed) as f64;
+            ::metrics::gauge!(m::QUEUE_DEPTH, vec![b()]).set(depth);
+            let in_flight = stats.in_flight.load(Ordering::Relaxed) as f64;
+            ::metrics::gauge!(m::POLLS_IN_FLIGHT, vec![b()]).set(in_flight);
+            ::metrics::counter!(m::POLLS, vec![b()]).absolute(stats.polls.load(Ordering::Relaxed));
+            let deferred = stats.deferred.load(Ordering::Relaxed);
+            ::metrics::counter!(m::POLLS_DEFERRED, vec![b()]).absolute(deferred);
+        }
         ::metrics::counter!(m::UPDATES_COALESCED)
             .absolute(engine::fanout::outbox::COALESCED_TOTAL.load(Ordering::Relaxed));
         if let Some(h) = m::handle() {

@@ -1,4 +1,3 @@
-use clap::Parser;
 use server::config::{Cli, Command};
 use server::{sim, Application};
 use std::sync::Arc;
@@ -14,7 +13,13 @@ async fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::load() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("taskwire: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Some(Command::Sim(c)) => run_sim(c.listen).await,
         None => run(cli.config).await,

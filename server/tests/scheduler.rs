@@ -218,7 +218,7 @@ async fn finished_tasks_and_empty_sessions_are_forgotten_after_the_retention() {
 /// Every live task has exactly one entry: queued or in flight, never both,
 /// never missing; final tasks have none.
 async fn assert_one_entry_per_live_task(r: &Rig) {
-    let snap = r.memory.queue.snapshot().await.unwrap();
+    let snap = r.memory.queue().snapshot().await.unwrap();
     let mut entries: Vec<Arc<str>> = snap.queued.iter().chain(&snap.in_flight).cloned().collect();
     entries.sort();
     let before = entries.len();
@@ -255,7 +255,7 @@ async fn no_live_task_is_forgotten_and_none_is_held_twice() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_one_entry_per_live_task(&r).await;
     assert!(r.memory.table.live_task_ids().is_empty());
-    let snap = r.memory.queue.snapshot().await.unwrap();
+    let snap = r.memory.queue().snapshot().await.unwrap();
     assert_eq!(
         snap.expiring, 200,
         "every finished task waits for its expiry"
@@ -301,7 +301,9 @@ async fn an_unreachable_service_backs_off_then_gives_up() {
     assert!(waits.len() <= 1, "coalesced: {waits:?}");
     assert!(backend.down_since_ms().is_some());
     // A start while it is down fails at once.
-    let e = backend.start("simulate", &serde_json::json!({})).await;
+    let e = backend
+        .start("t1", "simulate", &serde_json::json!({}))
+        .await;
     assert!(matches!(
         e,
         Err(server::backend::BackendError::Unavailable { .. })

@@ -77,6 +77,25 @@ impl BackendError {
     }
 }
 
+/// Between a backend's name and its own id for a task, in the id taskwire
+/// stores (an id a backend makes never holds it).
+const ROUTE_SEP: char = '\u{1f}';
+
+/// What taskwire stores as a task's backend id: which backend, and that
+/// backend's own id for it.
+pub fn route(backend: &str, remote_id: &str) -> String {
+    format!("{backend}{ROUTE_SEP}{remote_id}")
+}
+
+/// A stored backend id → (the backend's name, its own id). Ids stored
+/// before there were several backends have no name: the first backend's.
+pub fn split_route(stored: &str) -> (Option<&str>, &str) {
+    match stored.split_once(ROUTE_SEP) {
+        Some((name, id)) => (Some(name), id),
+        None => (None, stored),
+    }
+}
+
 /// While the task service is down, a `start` fails at once instead of
 /// waiting for a timeout; one try per this interval goes through as a probe.
 pub const START_PROBE_INTERVAL_MS: u64 = 1_000;
@@ -143,11 +162,16 @@ impl Backend {
     /// Starts a task; returns the task service's id for it. While the
     /// service is known to be down this fails at once, but for one probe
     /// per [`START_PROBE_INTERVAL_MS`].
+    /// `task_id` is taskwire's own id for the task (an adapter may use it
+    /// as the backend's, e.g. Celery's task id); `kind` is what the backend
+    /// is asked to run.
     pub async fn start(
         &self,
+        task_id: &str,
         kind: &str,
         params: &serde_json::Value,
     ) -> Result<String, BackendError> {
+        let _ = task_id;
         if let Some(since) = self.down_since_ms() {
             let now = self.clock.now_ms();
             let last = self.health.last_probe_ms.load(Ordering::Relaxed);
@@ -187,6 +211,7 @@ impl Backend {
     /// simulator takes it back (its memory died with the process); a task
     /// service over HTTP kept its own, so nothing is done.
     pub fn restore(&self, id: &str, kind: &str, params: &serde_json::Value, start_ms: u64) {
+        let id = split_route(id).1;
         if let Adapter::Embedded(sim) = &self.adapter {
             if let Err(e) = sim.restore(id, kind, params, start_ms) {
                 tracing::warn!(task = id, error = %e, "the simulator could not take a task back");
@@ -195,6 +220,7 @@ impl Backend {
     }
 
     pub async fn status(&self, id: &str) -> Result<Status, BackendError> {
+        let id = split_route(id).1;
         let result = match &self.adapter {
             Adapter::Embedded(sim) => embedded::status(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.status(id).await,
@@ -204,6 +230,7 @@ impl Backend {
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Status, BackendError> {
+        let id = split_route(id).1;
         let result = match &self.adapter {
             Adapter::Embedded(sim) => embedded::cancel(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.cancel(id).await,

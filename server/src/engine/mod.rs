@@ -17,17 +17,19 @@
 //! [`pipeline`] and the [`admission`] rule.
 
 pub mod admission;
+pub mod backends;
 pub mod fanout;
 pub mod memory;
 pub mod pipeline;
 pub mod redis;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{route, Backend, BackendError};
 use crate::clock::Clock;
 use crate::task::policy::PollPolicy;
 use crate::task::{new_task, LOST_TASK};
 use admission::{Refusal, StartLimits};
 use app::protocol::{ErrorCode, Task};
+use backends::Backends;
 use fanout::{CloseReason, Conn, Fanout, NotFound};
 use memory::MemoryEngine;
 use redis::store::StoreError;
@@ -38,8 +40,7 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct Engine {
     fanout: Fanout,
-    backend: Backend,
-    policy: Arc<PollPolicy>,
+    backends: Backends,
     clock: Clock,
     imp: Imp,
 }
@@ -60,7 +61,7 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Refused {
             code,
             message: message.into(),
@@ -128,13 +129,33 @@ impl Engine {
         policy: Arc<PollPolicy>,
         clock: Clock,
     ) -> Self {
-        Engine {
-            fanout,
+        let ctx = Arc::new(pipeline::PollCtx {
             backend,
             policy,
             clock,
+            stats: Arc::default(),
+        });
+        let limits = pipeline::Limits {
+            max_in_flight: 1,
+            max_polls_per_s: 0,
+        };
+        Engine::with_backends(fanout, imp, Backends::single(ctx, limits), clock)
+    }
+
+    /// The engine over `imp` brokering for `backends` (the ones `imp`'s
+    /// queues poll).
+    pub fn with_backends(fanout: Fanout, imp: Imp, backends: Backends, clock: Clock) -> Self {
+        Engine {
+            fanout,
+            backends,
+            clock,
             imp,
         }
+    }
+
+    /// The kinds a client may start (empty: any, to the one backend).
+    pub fn kinds(&self) -> Vec<app::kinds::KindInfo> {
+        self.backends.kinds()
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -263,8 +284,25 @@ impl Engine {
         kind: &str,
         params: serde_json::Value,
     ) -> Result<(), Refused> {
-        let backend_id = self.backend.start(kind, &params).await?;
+        let target = self.backends.target(kind)?;
+        if let Some(schema) = target.schema {
+            schema.check(&params).map_err(|e| {
+                let message = match &e.field {
+                    Some(field) => format!("{field}: {}", e.message),
+                    None => e.message.clone(),
+                };
+                Refused::new(ErrorCode::InvalidParams, message)
+            })?;
+        }
+        let slot = self.backends.slot(target.slot);
         let task = new_task(kind, Some(params), self.clock.now_ms());
+        let params = task.params.as_ref().unwrap_or(&serde_json::Value::Null);
+        let remote_id = slot
+            .ctx
+            .backend
+            .start(&task.id, target.remote, params)
+            .await?;
+        let backend_id = route(&slot.name, &remote_id);
         let created = match &self.imp {
             Imp::Memory(m) => m
                 .create(&conn.session, &task, &backend_id)
@@ -277,7 +315,7 @@ impl Engine {
         };
         if let Err(e) = created {
             tracing::warn!(error = %e, "a started task could not be recorded");
-            let _ = self.backend.cancel(&backend_id).await;
+            let _ = slot.ctx.backend.cancel(&backend_id).await;
             return Err(Refused::new(ErrorCode::BackendUnavailable, e));
         }
         self.fanout.accepted(conn, reference, &task);
@@ -342,12 +380,13 @@ impl Engine {
         task_id: &str,
         backend_id: &str,
     ) -> Result<(), Refused> {
-        let answer = match self.backend.cancel(backend_id).await {
+        let slot = self.backends.slot(self.backends.slot_of(backend_id));
+        let answer = match slot.ctx.backend.cancel(backend_id).await {
             Ok(status) => Some(status),
             Err(BackendError::NotFound) => None,
             Err(e) => return Err(e.into()),
         };
-        let policy = &self.policy;
+        let policy = &slot.ctx.policy;
         let step = |tracked: &mut crate::task::Tracked, now| match &answer {
             Some(status) => tracked.on_status(status, policy, now, 0.0),
             None => tracked.fail(LOST_TASK.into(), policy, now),

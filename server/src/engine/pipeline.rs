@@ -29,6 +29,8 @@ pub struct Limits {
 
 /// Counters of polling, in atomics so the hot path stays cheap.
 pub struct PollStats {
+    /// The backend polled (the `backend` label of its metrics).
+    pub backend: Arc<str>,
     pub polls: AtomicU64,
     pub poll_errors: AtomicU64,
     pub deferred: AtomicU64,
@@ -44,15 +46,24 @@ pub struct PollStats {
 
 impl Default for PollStats {
     fn default() -> Self {
+        PollStats::for_backend("default")
+    }
+}
+
+impl PollStats {
+    /// The counters of the backend named `backend`.
+    pub fn for_backend(backend: &str) -> Self {
+        let label = backend.to_string();
         PollStats {
+            backend: backend.into(),
             polls: AtomicU64::new(0),
             poll_errors: AtomicU64::new(0),
             deferred: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             lateness: m::MicrosHistogram::default(),
-            lateness_seconds: metrics::histogram!(m::POLL_LATENESS_SECONDS),
-            poll_seconds: metrics::histogram!(m::POLL_SECONDS),
+            lateness_seconds: metrics::histogram!(m::POLL_LATENESS_SECONDS, "backend" => label.clone()),
+            poll_seconds: metrics::histogram!(m::POLL_SECONDS, "backend" => label),
         }
     }
 }
@@ -169,7 +180,8 @@ impl PollCtx {
             .record(began.elapsed().as_secs_f64());
         if let Err(e) = &answer {
             self.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::BACKEND_ERRORS, "kind" => e.kind()).increment(1);
+            metrics::counter!(m::BACKEND_ERRORS, "kind" => e.kind(), "backend" => self.stats.backend.to_string())
+                .increment(1);
         }
         answer
     }

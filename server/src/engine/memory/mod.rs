@@ -9,6 +9,7 @@ pub mod queue;
 pub mod table;
 
 use super::admission::{Refusal, StartLimits};
+use super::backends::Backends;
 use super::fanout::Fanout;
 use super::pipeline::{Committed, Limits, PollCtx, TaskStore};
 use crate::task::{Step, Tracked};
@@ -20,10 +21,25 @@ use std::sync::Arc;
 use std::time::Duration;
 pub use table::Table;
 
+/// A delay queue per backend over one table.
+fn queues(
+    table: &Table,
+    backends: &Backends,
+    retention: Duration,
+) -> (Vec<Queue>, Vec<QueueHandle>) {
+    backends
+        .slots()
+        .iter()
+        .map(|slot| Queue::new(table.clone(), slot.ctx.clone(), &slot.limits, retention))
+        .unzip()
+}
+
 #[derive(Clone)]
 pub struct MemoryEngine {
     pub table: Table,
-    pub queue: QueueHandle,
+    /// One delay queue per backend, in the backends' order.
+    queues: Arc<[QueueHandle]>,
+    backends: Backends,
     retention: Duration,
     /// `None` with `--ephemeral`.
     durable: Option<Durable>,
@@ -38,15 +54,38 @@ impl MemoryEngine {
         limits: &Limits,
         retention: Duration,
     ) -> (MemoryEngine, Queue) {
+        let backends = Backends::single(ctx, limits.clone());
+        let (engine, mut queues) = MemoryEngine::with_backends(fanout, &backends, retention);
+        (engine, queues.remove(0))
+    }
+
+    /// The engine over several backends (everything in memory only) and
+    /// its delay queues, one per backend, for the caller to run.
+    pub fn with_backends(
+        fanout: Fanout,
+        backends: &Backends,
+        retention: Duration,
+    ) -> (MemoryEngine, Vec<Queue>) {
         let table = Table::new(fanout, false);
-        let (queue, handle) = Queue::new(table.clone(), ctx, limits, retention);
+        let (queues, handles) = queues(&table, backends, retention);
         let engine = MemoryEngine {
             table,
-            queue: handle,
+            queues: handles.into(),
+            backends: backends.clone(),
             retention,
             durable: None,
         };
-        (engine, queue)
+        (engine, queues)
+    }
+
+    /// The first backend's queue (session expiries go there too).
+    pub fn queue(&self) -> &QueueHandle {
+        &self.queues[0]
+    }
+
+    /// The queue that polls a task of `backend_id` (as stored).
+    fn queue_of(&self, backend_id: &str) -> &QueueHandle {
+        &self.queues[self.backends.slot_of(backend_id)]
     }
 
     /// The durable engine over the file in `data_dir`: what it holds is
@@ -54,26 +93,28 @@ impl MemoryEngine {
     /// expiring at the end of its retention. A damaged file is an error.
     pub async fn open(
         fanout: Fanout,
-        ctx: Arc<PollCtx>,
-        limits: &Limits,
+        backends: &Backends,
         retention: Duration,
         data_dir: &std::path::Path,
-    ) -> Result<(MemoryEngine, Queue), DurableError> {
+    ) -> Result<(MemoryEngine, Vec<Queue>), DurableError> {
         let (db, path) = durable::open(data_dir)?;
         let records = durable::load(&db, &path)?;
-        let now_ms = ctx.clock.now_ms();
+        let now_ms = backends.slot(0).ctx.clock.now_ms();
         let table = Table::new(fanout, true);
-        let (mut queue, handle) = Queue::new(table.clone(), ctx.clone(), limits, retention);
+        let (mut queues, handles) = queues(&table, backends, retention);
         let durable = Durable::start(db, table.clone());
         let engine = MemoryEngine {
             table,
-            queue: handle,
+            queues: handles.into(),
+            backends: backends.clone(),
             retention,
             durable: Some(durable),
         };
         let (mut live, mut finished) = (0, 0);
         for record in &records {
             let id = engine.table.restore(record);
+            let slot = backends.slot_of(&record.backend_id);
+            let queue = &mut queues[slot];
             if record.task.state.is_final() {
                 finished += 1;
                 let ends_ms = record.task.updated_ms + retention.as_millis() as u64;
@@ -83,13 +124,17 @@ impl MemoryEngine {
                 live += 1;
                 let task = &record.task;
                 let params = task.params.clone().unwrap_or_default();
-                ctx.backend
-                    .restore(&record.backend_id, &task.kind, &params, task.created_ms);
+                backends.slot(slot).ctx.backend.restore(
+                    &record.backend_id,
+                    &task.kind,
+                    &params,
+                    task.created_ms,
+                );
                 queue.preload_poll(id, Duration::ZERO);
             }
         }
         tracing::info!(live, finished, file = %path.display(), "durable store loaded");
-        Ok((engine, queue))
+        Ok((engine, queues))
     }
 
     /// The session a cookie names, or a new one. A new session is forgotten
@@ -98,7 +143,7 @@ impl MemoryEngine {
     pub async fn resolve_session(&self, token: Option<&str>) -> (Arc<str>, bool) {
         let (session, is_new) = self.table.resolve_session(token);
         if is_new {
-            self.queue
+            self.queue()
                 .expire_session(session.clone(), self.retention)
                 .await;
         }
@@ -140,7 +185,7 @@ impl MemoryEngine {
                 return Err(e);
             }
         }
-        self.queue.poll(id, Duration::ZERO).await;
+        self.queue_of(backend_id).poll(id, Duration::ZERO).await;
         Ok(())
     }
 
@@ -151,7 +196,7 @@ impl MemoryEngine {
     pub async fn forget(&self, session: &str, task_id: &str) -> bool {
         let (forgot, empty) = self.table.forget(session, task_id);
         if let Some(session) = empty {
-            self.queue.expire_session(session, self.retention).await;
+            self.queue().expire_session(session, self.retention).await;
         }
         forgot
     }
@@ -159,7 +204,7 @@ impl MemoryEngine {
     /// The last connection of `session` closed.
     pub async fn disconnected(&self, session: &Arc<str>) {
         if self.table.is_empty_session(session) {
-            self.queue
+            self.queue()
                 .expire_session(session.clone(), self.retention)
                 .await;
         }

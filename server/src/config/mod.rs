@@ -2,8 +2,13 @@
 //! also reads an environment variable, because scripts outside the repo start
 //! taskwire.
 
-use clap::{Args, Parser, Subcommand};
+pub mod file;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use file::{AdapterSpec, BackendDefaults, BackendSpec, KindSpec};
 use std::net::SocketAddr;
+use std::path::Path;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -102,6 +107,21 @@ impl Role {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// A TOML file of backends, kinds and server keys
+    /// (docs/configuration.md); flags and their variables win over it.
+    #[arg(long = "config", env = "TASKWIRE_CONFIG")]
+    pub config_file: Option<std::path::PathBuf>,
+
+    /// The backends, each with its own queue and limits (from the file,
+    /// else one, `default`, from `--backend` and the poll flags).
+    #[arg(skip)]
+    pub backends: Vec<BackendSpec>,
+
+    /// The kinds clients may start (from the file; else `simulate` with
+    /// the embedded simulator, and any kind to a task service).
+    #[arg(skip)]
+    pub kinds: Vec<KindSpec>,
+
     /// Address the web server listens on.
     #[arg(long, env = "TASKWIRE_LISTEN", default_value = "127.0.0.1:3000")]
     pub listen: SocketAddr,
@@ -255,7 +275,131 @@ pub struct ClientLimits {
     pub ping_timeout_s: u64,
 }
 
+impl Cli {
+    /// The command line of this process, with the `--config` file applied.
+    pub fn load() -> Result<Cli, String> {
+        let matches = Cli::command().get_matches();
+        Cli::from_matches(&matches)
+    }
+
+    /// [`Cli::load`] of given arguments (for tests).
+    pub fn load_from<I, T>(args: I) -> Result<Cli, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command()
+            .try_get_matches_from(args)
+            .map_err(|e| e.to_string())?;
+        Cli::from_matches(&matches)
+    }
+
+    fn from_matches(matches: &ArgMatches) -> Result<Cli, String> {
+        let mut cli = Cli::from_arg_matches(matches).map_err(|e| e.to_string())?;
+        if let Some(path) = cli.config.config_file.clone() {
+            cli.config.apply_file(&path, matches)?;
+        }
+        Ok(cli)
+    }
+}
+
 impl Config {
+    fn defaults_for_backends(&self) -> BackendDefaults {
+        BackendDefaults {
+            poll_interval_ms: self.poll_interval_ms,
+            poll_min_ms: self.poll_min_ms,
+            poll_mode: self.poll_mode,
+            max_concurrent_polls: self.max_concurrent_polls,
+            max_polls_per_s: self.max_polls_per_s,
+            timeout_ms: self.backend_timeout_ms,
+            give_up_s: self.backend_give_up_s,
+        }
+    }
+
+    /// The file's keys, where no flag (or its variable) was given.
+    fn apply_file(&mut self, path: &Path, matches: &ArgMatches) -> Result<(), String> {
+        let loaded = file::load(path, &self.defaults_for_backends(), &|v| {
+            std::env::var(v).ok()
+        })
+        .map_err(|e| e.to_string())?;
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        let at = |key: &str, e: String| format!("{}: [server] {key}: {e}", path.display());
+        let s = loaded.server;
+        macro_rules! set {
+            ($field:ident, $conv:expr) => {
+                if let Some(v) = s.$field {
+                    if !given(stringify!($field)) {
+                        #[allow(clippy::redundant_closure_call)]
+                        let value = ($conv)(v).map_err(|e: String| at(stringify!($field), e))?;
+                        self.$field = value;
+                    }
+                }
+            };
+        }
+        set!(listen, |v: String| v
+            .parse()
+            .map_err(|_| format!("`{v}` is not an address")));
+        set!(admin_listen, |v: String| v.parse());
+        set!(redis, |v: String| Ok(Some(v)));
+        set!(data_dir, |v: String| Ok(v.into()));
+        set!(ephemeral, Ok);
+        set!(role, |v: String| <Role as clap::ValueEnum>::from_str(
+            &v, false
+        )
+        .map_err(|_| format!("`{v}` is not all, web or worker")));
+        set!(retention_s, Ok);
+        set!(allowed_origins, Ok);
+        set!(frame_ancestors, Ok);
+        set!(request_timeout_s, Ok);
+        set!(max_body_bytes, Ok);
+        set!(site_root, |v: String| Ok(Some(v.into())));
+        if !loaded.backends.is_empty() && given("backend") {
+            return Err(format!(
+                "{}: has [[backend]] tables and --backend (TASKWIRE_BACKEND) is given too: use one",
+                path.display()
+            ));
+        }
+        self.backends = loaded.backends;
+        self.kinds = loaded.kinds;
+        Ok(())
+    }
+
+    /// Without backends from a file: one, `default`, from the flags; with
+    /// the embedded simulator and no kinds, the `simulate` kind.
+    /// `Application::build` calls it (tests change flags after parsing).
+    pub fn resolve(&mut self) {
+        if self.backends.is_empty() {
+            let d = self.defaults_for_backends();
+            self.backends.push(BackendSpec {
+                name: "default".into(),
+                adapter: match &self.backend {
+                    BackendChoice::Embedded => AdapterSpec::Embedded,
+                    BackendChoice::Http(url) => AdapterSpec::Taskwire { url: url.clone() },
+                },
+                poll_interval_ms: d.poll_interval_ms,
+                poll_min_ms: d.poll_min_ms,
+                poll_mode: d.poll_mode,
+                max_concurrent_polls: d.max_concurrent_polls,
+                max_polls_per_s: d.max_polls_per_s,
+                timeout_ms: d.timeout_ms,
+                give_up_s: d.give_up_s,
+            });
+        }
+        if self.kinds.is_empty() && self.backends[0].adapter == AdapterSpec::Embedded {
+            let info = app::kinds::simulate_kind();
+            self.kinds.push(KindSpec {
+                remote: info.name.clone(),
+                info,
+                backend: 0,
+            });
+        }
+    }
+
     /// Defaults for tests: port 0, embedded backend, nothing on disk (the
     /// durable tests give their own `data_dir`).
     pub fn for_tests() -> Self {
