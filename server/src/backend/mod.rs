@@ -4,6 +4,7 @@
 //! ([`embedded`]), or any service over HTTP ([`http`]).
 
 mod embedded;
+mod client;
 mod http;
 
 use crate::clock::Clock;
