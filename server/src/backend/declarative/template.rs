@@ -56,9 +56,11 @@ impl Path {
                 "{params}" => Piece::Var(Placeholder::Params),
                 "{id}" => Piece::Var(Placeholder::Id),
                 "{+id}" => Piece::IdKeepSlash,
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unknown placeholder `{name}` (known: {{kind}}, {{params}}, {{id}}, {{+id}})"
-                )),
+                ))
+                }
             };
             let placeholder = match piece {
                 Piece::Var(p) => p,
