@@ -819,3 +819,23 @@ async fn google_lro_operations_through_the_preset() {
     assert_eq!(b.status(&id).await.unwrap().state, TaskState::Running);
     assert_eq!(b.cancel(&id).await.unwrap().state, TaskState::Cancelled);
 }
+
+#[test]
+fn the_documented_configurations_are_valid() {
+    let doc = include_str!("../../docs/http-adapter.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 2);
+    for block in blocks {
+        let file: ConfigFile = toml::from_str(block).expect("parses");
+        for entry in file.backend {
+            entry
+                .spec
+                .validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", entry.name));
+        }
+    }
+}
