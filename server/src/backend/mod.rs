@@ -1,8 +1,12 @@
 //! Backend adapters: how taskwire talks to the task service (the
 //! task-service API of docs/protocol.md). Two implementations behind one
 //! enum, chosen at start-up: the simulator in this process
-//! ([`embedded`]), or any service over HTTP ([`http`]).
+//! ([`embedded`]), or any service over HTTP ([`http`]). Both HTTP adapters
+//! share one lean client ([`client`]); [`declarative`] speaks any JSON job
+//! API described in configuration (not wired into [`Backend`] yet).
 
+mod client;
+pub mod declarative;
 mod embedded;
 mod http;
 
