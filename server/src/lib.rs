@@ -347,6 +347,8 @@ fn build_backends(
                 Backend::embedded(sim.clone(), clock)
             }
             AdapterSpec::Taskwire { url } => Backend::http(url, timeout, clock)?,
+            AdapterSpec::Http(http) => Backend::declarative(&spec.name, http, timeout, clock)
+                .map_err(|e| StartupError::Config(format!("backend `{}`: {e}", spec.name)))?,
             other => {
                 return Err(StartupError::Config(format!(
                     "backend `{}`: the {} adapter is not built into this version yet",

@@ -124,6 +124,7 @@ pub struct Backend {
 enum Adapter {
     Embedded(Arc<Simulator>),
     Http(http::HttpBackend),
+    Declarative(declarative::DeclarativeBackend),
 }
 
 impl Backend {
@@ -138,6 +139,28 @@ impl Backend {
     pub fn http(base_url: &str, timeout: Duration, clock: Clock) -> Result<Self, BackendError> {
         Ok(Backend {
             adapter: Adapter::Http(http::HttpBackend::new(base_url, timeout)?),
+            clock,
+            health: Arc::default(),
+        })
+    }
+
+    /// Any JSON job API, described by `spec` (docs/http-adapter.md); a
+    /// mistake in the spec is an error naming its key.
+    pub fn declarative(
+        name: &str,
+        spec: &serde_json::Value,
+        timeout: Duration,
+        clock: Clock,
+    ) -> Result<Self, String> {
+        let spec: declarative::HttpSpec =
+            serde_json::from_value(spec.clone()).map_err(|e| e.to_string())?;
+        spec.validate()?;
+        let adapter = declarative::DeclarativeBackend::new(&spec, timeout)
+            .map_err(|e| e.to_string())?
+            .with_name(name)
+            .with_clock(clock);
+        Ok(Backend {
+            adapter: Adapter::Declarative(adapter),
             clock,
             health: Arc::default(),
         })
@@ -208,6 +231,7 @@ impl Backend {
         match &self.adapter {
             Adapter::Embedded(sim) => embedded::start(sim, kind, params, self.clock.now_ms()),
             Adapter::Http(h) => h.start(kind, params).await,
+            Adapter::Declarative(d) => d.start(kind, params).await,
         }
     }
 
@@ -228,6 +252,7 @@ impl Backend {
         let result = match &self.adapter {
             Adapter::Embedded(sim) => embedded::status(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.status(id).await,
+            Adapter::Declarative(d) => d.status(id).await,
         };
         self.observe(&result);
         result
@@ -238,6 +263,7 @@ impl Backend {
         let result = match &self.adapter {
             Adapter::Embedded(sim) => embedded::cancel(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.cancel(id).await,
+            Adapter::Declarative(d) => d.cancel(id).await,
         };
         self.observe(&result);
         result

@@ -161,20 +161,39 @@ impl Client {
 
     /// Sends `start` and returns the task of the `accepted` reply.
     pub async fn start(&mut self, reference: &str, params: serde_json::Value) -> Task {
-        self.send(
-            serde_json::json!({"type":"start","ref":reference,"kind":"simulate","params":params}),
-        )
-        .await;
+        self.start_kind(reference, "simulate", params).await
+    }
+
+    /// [`Client::start`] of any kind.
+    pub async fn start_kind(
+        &mut self,
+        reference: &str,
+        kind: &str,
+        params: serde_json::Value,
+    ) -> Task {
+        match self.try_start(reference, kind, params).await {
+            Ok(task) => task,
+            Err((code, message)) => panic!("start refused: {code:?} {message}"),
+        }
+    }
+
+    /// Sends `start`: the accepted task, or the error's code and message.
+    pub async fn try_start(
+        &mut self,
+        reference: &str,
+        kind: &str,
+        params: serde_json::Value,
+    ) -> Result<Task, (app::protocol::ErrorCode, String)> {
+        self.send(serde_json::json!({"type":"start","ref":reference,"kind":kind,"params":params}))
+            .await;
         loop {
             match self.recv().await {
-                ServerMsg::Accepted { reference: r, task } if r == reference => return task,
+                ServerMsg::Accepted { reference: r, task } if r == reference => return Ok(task),
                 ServerMsg::Error {
                     reference: Some(r),
                     code,
                     message,
-                } if r == reference => {
-                    panic!("start refused: {code:?} {message}")
-                }
+                } if r == reference => return Err((code, message)),
                 _ => continue,
             }
         }
