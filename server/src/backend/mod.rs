@@ -1,8 +1,10 @@
 //! Backend adapters: how taskwire talks to the task service (the
 //! task-service API of docs/protocol.md). Two implementations behind one
 //! enum, chosen at start-up: the simulator in this process
-//! ([`embedded`]), or any service over HTTP ([`http`]).
+//! ([`embedded`]), or any service over HTTP ([`http`]). [`celery`] speaks
+//! to a Celery deployment's Redis broker and result backend.
 
+pub mod celery;
 mod embedded;
 mod http;
 
