@@ -80,6 +80,22 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Redis's own CPU time (user + system), ms, from `INFO cpu`.
+    async fn cpu_ms(&self) -> f64 {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.conn(0).await)
+            .await
+            .unwrap();
+        ["used_cpu_user:", "used_cpu_sys:"]
+            .iter()
+            .filter_map(|k| info.lines().find_map(|l| l.strip_prefix(k)))
+            .map(|v| v.trim().parse::<f64>().unwrap_or(0.0) * 1e3)
+            .sum()
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
@@ -447,9 +463,10 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Poll throughput with MGET batching against one GET per task (both over
-/// one multiplexed connection, so the GETs are pipelined too). Run with
-/// `cargo test -p server --release --test celery -- --ignored --nocapture`;
+/// Poll throughput with MGET batching against one GET per task (over one
+/// multiplexed connection, so the GETs are pipelined too), one tokio task
+/// per poll as in the engine. Run with
+/// `cargo test -p server --release --test celery bench -- --ignored --nocapture`;
 /// figures in docs/celery.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
@@ -470,62 +487,57 @@ async fn bench_batched_vs_one_get_per_task() {
         pipe.set(meta_key(id), meta.to_string()).ignore();
     }
     pipe.query_async::<()>(&mut results).await.unwrap();
-
-    let usec = |info: &str, cmd| command_stat(info, cmd, "usec");
-    let info = || async {
-        redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async::<String>(&mut redis.conn(0).await)
-            .await
-            .unwrap()
-    };
-
-    let before = info().await;
-    let t0 = Instant::now();
-    for _ in 0..ROUNDS {
-        let all = join_all(ids.iter().map(|id| b.status(id))).await;
-        assert!(all.iter().all(|s| s.is_ok()));
-    }
-    let batched = t0.elapsed();
-    let after = info().await;
-    let batched_usec = usec(&after, "mget") - usec(&before, "mget");
-
-    let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis.url(1)).unwrap())
+    let single = redis::aio::ConnectionManager::new(redis::Client::open(redis.url(1)).unwrap())
         .await
         .unwrap();
-    let t0 = Instant::now();
-    for _ in 0..ROUNDS {
-        let all = join_all(ids.iter().map(|id| {
-            let mut c = conn.clone();
-            async move {
-                let raw: Option<Vec<u8>> = redis::cmd("GET")
-                    .arg(meta_key(id))
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                serde_json::from_slice::<serde_json::Value>(&raw.unwrap()).unwrap()
-            }
-        }))
-        .await;
-        assert_eq!(all.len(), TASKS);
-    }
-    let single = t0.elapsed();
-    let end = info().await;
-    let single_usec = usec(&end, "get") - usec(&after, "get");
 
-    let polls = (TASKS * ROUNDS) as f64;
-    println!(
-        "batched: {polls} polls in {:.0} ms = {:.0} polls/s, {} MGETs, Redis CPU {} ms",
-        batched.as_secs_f64() * 1e3,
-        polls / batched.as_secs_f64(),
-        b.round_trips(),
-        batched_usec / 1000
-    );
-    println!(
-        "one GET each: {polls} polls in {:.0} ms = {:.0} polls/s, {} GETs, Redis CPU {} ms",
-        single.as_secs_f64() * 1e3,
-        polls / single.as_secs_f64(),
-        command_stat(&end, "get", "calls"),
-        single_usec / 1000
-    );
+    for batched in [true, false] {
+        let (redis_cpu0, cpu0, t0) = (redis.cpu_ms().await, process_cpu_ms(), Instant::now());
+        let (mgets0, gets0) = (redis.calls("mget").await, redis.calls("get").await);
+        for _ in 0..ROUNDS {
+            let polls = ids.iter().map(|id| {
+                let (b, c, id) = (b.clone(), single.clone(), id.clone());
+                tokio::spawn(async move {
+                    if batched {
+                        b.status(&id).await.map(|_| ()).unwrap();
+                    } else {
+                        let mut c = c;
+                        let raw: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(meta_key(&id))
+                            .query_async(&mut c)
+                            .await
+                            .unwrap();
+                        serde_json::from_slice::<serde_json::Value>(&raw.unwrap()).unwrap();
+                    }
+                })
+            });
+            for p in join_all(polls).await {
+                p.unwrap();
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let (cpu, redis_cpu) = (process_cpu_ms() - cpu0, redis.cpu_ms().await - redis_cpu0);
+        let trips = (redis.calls("mget").await - mgets0) + (redis.calls("get").await - gets0);
+        let polls = (TASKS * ROUNDS) as f64;
+        println!(
+            "{}: {polls} polls in {:.0} ms = {:.0} polls/s; {trips} round trips; \
+             taskwire CPU {cpu:.0} ms, Redis CPU {redis_cpu:.0} ms",
+            if batched {
+                "MGET batches"
+            } else {
+                "one GET each"
+            },
+            wall * 1e3,
+            polls / wall,
+        );
+    }
+}
+
+/// This process's CPU time (user + system), ms.
+fn process_cpu_ms() -> f64 {
+    // SAFETY: getrusage writes into the struct we hand it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(u.ru_utime) + ms(u.ru_stime)
 }
