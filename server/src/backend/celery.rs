@@ -7,6 +7,7 @@
 //! which reads all that are waiting with one `MGET`.
 
 use super::BackendError;
+use crate::clock::Clock;
 use crate::task_api::Status;
 use app::protocol::{ErrorCode, TaskState};
 use base64::Engine as _;
@@ -42,6 +43,9 @@ pub const META_PREFIX: &str = "celery-task-meta-";
 pub struct CeleryBackend {
     inner: Arc<Inner>,
     terminate_on_cancel: bool,
+    /// Times `changed_at_ms` of non-final states (final ones carry
+    /// Celery's `date_done`).
+    clock: Clock,
 }
 
 struct Inner {
@@ -100,7 +104,14 @@ impl CeleryBackend {
                 round_trips,
             }),
             terminate_on_cancel: false,
+            clock: Clock::new(),
         })
+    }
+
+    /// The server's clock (so paused-time tests drive `changed_at_ms` too).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Whether a cancel also kills a running task (`revoke(terminate=True)`,
@@ -150,7 +161,7 @@ impl CeleryBackend {
     pub async fn status(&self, id: &str) -> Result<Status, BackendError> {
         let raw = self.lookup(id).await?;
         let reading = parse_meta(raw.as_deref())?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
         Ok(seen.status(id, reading, now))
     }
@@ -181,7 +192,8 @@ impl CeleryBackend {
             task_id: id,
             terminate: self.terminate_on_cancel,
             clock,
-            expires_s: now_ms() as f64 / 1000.0 + BROADCAST_EXPIRES_S,
+            // Wall time: it is compared with the workers' clocks.
+            expires_s: wall_ms() as f64 / 1000.0 + BROADCAST_EXPIRES_S,
             delivery_tag: &delivery_tag(),
         });
         let mut c = self.inner.broker.clone();
@@ -301,7 +313,7 @@ fn stopped() -> BackendError {
     BackendError::unavailable("redis", "the Celery status batcher has stopped")
 }
 
-fn now_ms() -> u64 {
+fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
