@@ -349,13 +349,19 @@ fn build_backends(
             AdapterSpec::Taskwire { url } => Backend::http(url, timeout, clock)?,
             AdapterSpec::Http(http) => Backend::declarative(&spec.name, http, timeout, clock)
                 .map_err(|e| StartupError::Config(format!("backend `{}`: {e}", spec.name)))?,
-            other => {
-                return Err(StartupError::Config(format!(
-                    "backend `{}`: the {} adapter is not built into this version yet",
-                    spec.name,
-                    other.name()
-                )))
-            }
+            AdapterSpec::Celery {
+                broker,
+                result_backend,
+                queue,
+                terminate_on_cancel,
+            } => Backend::celery(
+                broker,
+                result_backend,
+                queue,
+                *terminate_on_cancel,
+                timeout,
+                clock,
+            )?,
         };
         let policy = Arc::new(PollPolicy {
             poll_interval_ms: spec.poll_interval_ms,

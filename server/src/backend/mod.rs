@@ -1,10 +1,12 @@
-//! Backend adapters: how taskwire talks to the task service (the
-//! task-service API of docs/protocol.md). Two implementations behind one
-//! enum, chosen at start-up: the simulator in this process
-//! ([`embedded`]), or any service over HTTP ([`http`]). Both HTTP adapters
-//! share one lean client ([`client`]); [`declarative`] speaks any JSON job
-//! API described in configuration (not wired into [`Backend`] yet).
+//! Backend adapters: how taskwire talks to a backend. Four implementations
+//! behind one enum, chosen per backend at start-up: the simulator in this
+//! process ([`embedded`]), the task-service API of docs/protocol.md over
+//! HTTP ([`http`]), any JSON job API described in configuration
+//! ([`declarative`]), and a Celery deployment's Redis broker and result
+//! backend ([`celery`]). Both HTTP adapters share one lean client
+//! ([`client`]).
 
+pub mod celery;
 mod client;
 pub mod declarative;
 mod embedded;
@@ -125,6 +127,7 @@ enum Adapter {
     Embedded(Arc<Simulator>),
     Http(http::HttpBackend),
     Declarative(declarative::DeclarativeBackend),
+    Celery(celery::CeleryBackend),
 }
 
 impl Backend {
@@ -166,6 +169,26 @@ impl Backend {
         })
     }
 
+    /// A Celery deployment on Redis (docs/celery.md). Spawns the adapter's
+    /// batcher: call it inside the runtime.
+    pub fn celery(
+        broker: &str,
+        result_backend: &str,
+        queue: &str,
+        terminate_on_cancel: bool,
+        timeout: Duration,
+        clock: Clock,
+    ) -> Result<Self, BackendError> {
+        let adapter = celery::CeleryBackend::new(broker, result_backend, queue, timeout)?
+            .with_terminate_on_cancel(terminate_on_cancel)
+            .with_clock(clock);
+        Ok(Backend {
+            adapter: Adapter::Celery(adapter),
+            clock,
+            health: Arc::default(),
+        })
+    }
+
     /// Notes what a request said of reachability.
     fn observe<T>(&self, result: &Result<T, BackendError>) {
         match result {
@@ -198,7 +221,6 @@ impl Backend {
         kind: &str,
         params: &serde_json::Value,
     ) -> Result<String, BackendError> {
-        let _ = task_id;
         if let Some(since) = self.down_since_ms() {
             let now = self.clock.now_ms();
             let last = self.health.last_probe_ms.load(Ordering::Relaxed);
@@ -218,13 +240,14 @@ impl Backend {
                 ));
             }
         }
-        let result = self.start_now(kind, params).await;
+        let result = self.start_now(task_id, kind, params).await;
         self.observe(&result);
         result
     }
 
     async fn start_now(
         &self,
+        task_id: &str,
         kind: &str,
         params: &serde_json::Value,
     ) -> Result<String, BackendError> {
@@ -232,6 +255,7 @@ impl Backend {
             Adapter::Embedded(sim) => embedded::start(sim, kind, params, self.clock.now_ms()),
             Adapter::Http(h) => h.start(kind, params).await,
             Adapter::Declarative(d) => d.start(kind, params).await,
+            Adapter::Celery(c) => c.start(task_id, kind, params).await,
         }
     }
 
@@ -253,6 +277,7 @@ impl Backend {
             Adapter::Embedded(sim) => embedded::status(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.status(id).await,
             Adapter::Declarative(d) => d.status(id).await,
+            Adapter::Celery(c) => c.status(id).await,
         };
         self.observe(&result);
         result
@@ -264,6 +289,7 @@ impl Backend {
             Adapter::Embedded(sim) => embedded::cancel(sim, id, self.clock.now_ms()),
             Adapter::Http(h) => h.cancel(id).await,
             Adapter::Declarative(d) => d.cancel(id).await,
+            Adapter::Celery(c) => c.cancel(id).await,
         };
         self.observe(&result);
         result
