@@ -53,6 +53,9 @@ usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...
   --json                  print one JSON object instead of a table
   --server-args ARGS...   everything after this goes to the server";
 
+/// The second backend's kind (`--slow-backend-latency-ms`).
+const SLOW_KIND: &str = "slow_simulate";
+
 #[derive(Clone, Debug)]
 struct Opts {
     clients: usize,
@@ -70,6 +73,10 @@ struct Opts {
     /// SIGKILL the server this long after the go, and start it again on the
     /// same port and data directory; clients reconnect with their cookie.
     kill_server_at_ms: Option<u64>,
+    /// A second backend (a second simulator answering this much later):
+    /// every other client starts its tasks there; staleness is reported
+    /// for each backend's tasks apart.
+    slow_backend_latency_ms: Option<u64>,
     server_args: Vec<String>,
 }
 
@@ -89,6 +96,7 @@ impl Opts {
             json: false,
             engine: "memory".into(),
             kill_server_at_ms: None,
+            slow_backend_latency_ms: None,
             server_args: vec![],
         };
         let mut it = args.into_iter();
@@ -122,6 +130,9 @@ impl Opts {
                 "--server-bin" => o.server_bin = value(&flag)?,
                 "--json" => o.json = true,
                 "--kill-server-at-ms" => o.kill_server_at_ms = Some(num(&flag, value(&flag)?)?),
+                "--slow-backend-latency-ms" => {
+                    o.slow_backend_latency_ms = Some(num(&flag, value(&flag)?)?)
+                }
                 "--engine" => {
                     o.engine = value(&flag)?;
                     if !matches!(o.engine.as_str(), "memory" | "redis-all" | "redis-split") {
@@ -168,6 +179,10 @@ impl Opts {
         };
         let base = match self.kill_server_at_ms {
             Some(at) => format!("{base}, server SIGKILLed at +{at} ms"),
+            None => base,
+        };
+        let base = match self.slow_backend_latency_ms {
+            Some(ms) => format!("{base}, half the clients on a second backend {ms} ms slower"),
             None => base,
         };
         let base = if self.server_args.is_empty() {
@@ -463,6 +478,8 @@ struct Live {
 #[derive(Default)]
 struct ClientResult {
     connected: bool,
+    /// Its tasks ran on the slow backend (`--slow-backend-latency-ms`).
+    slow: bool,
     /// Closed by the server (or the stream failed) before it was done.
     disconnected: bool,
     /// Reconnections after the server was killed (`--kill-server-at-ms`).
@@ -574,6 +591,8 @@ async fn client(plan: ClientPlan) -> ClientResult {
     let ramp = Duration::from_millis(opts.ramp_ms);
     let params = json!({"duration_ms": opts.duration_ms, "steps": opts.steps});
     let (clients, per) = (opts.clients, opts.tasks_per_client);
+    res.slow = opts.slow_backend_latency_ms.is_some() && index % 2 == 1;
+    let kind = if res.slow { SLOW_KIND } else { "simulate" };
     // Starts interleave over all clients: global slot `index + k * clients`.
     let sender = tokio::spawn(async move {
         for k in 0..per {
@@ -583,7 +602,7 @@ async fn client(plan: ClientPlan) -> ClientResult {
             let msg = json!({
                 "type": "start",
                 "ref": format!("c{index}-{k}"),
-                "kind": "simulate",
+                "kind": kind,
                 "params": params,
             });
             if sink.send(Message::text(msg.to_string())).await.is_err() {
@@ -827,6 +846,35 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         .args(["sim", "--listen", "127.0.0.1:0"])
         .current_dir(&root);
     let mut sim = ChildProc::start("simulator", sim_cmd, "listening on http://")?;
+    // 1b. The slow backend: a second simulator, and a config file naming both.
+    let mut slow_sim = None;
+    let config_file = match opts.slow_backend_latency_ms {
+        None => None,
+        Some(ms) => {
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "sim",
+                "--listen",
+                "127.0.0.1:0",
+                "--latency-ms",
+                &ms.to_string(),
+            ])
+            .current_dir(&root);
+            let slow = ChildProc::start("slow simulator", cmd, "listening on http://")?;
+            let file =
+                std::env::temp_dir().join(format!("taskwire-loadgen-{}.toml", std::process::id()));
+            let text = format!(
+                "[[backend]]\nname = \"fast\"\nadapter = \"taskwire\"\nurl = \"http://{}\"\n\n\
+                 [[backend]]\nname = \"slow\"\nadapter = \"taskwire\"\nurl = \"http://{}\"\n\n\
+                 [[kind]]\nname = \"simulate\"\nbackend = \"fast\"\n\n\
+                 [[kind]]\nname = \"{SLOW_KIND}\"\nbackend = \"slow\"\ntask = \"simulate\"\n",
+                sim.addr, slow.addr
+            );
+            std::fs::write(&file, text).map_err(|e| format!("config file: {e}"))?;
+            slow_sim = Some(slow);
+            Some(file)
+        }
+    };
 
     // 2. Redis, for the Redis engines.
     let redis = match opts.engine.as_str() {
@@ -843,9 +891,12 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     let (poll_interval_ms, server_args) = (opts.poll_interval_ms, opts.server_args.clone());
     let taskwire_on = |role: &str, listen: &str| {
         let mut cmd = Command::new(&bin);
-        cmd.args(["--listen", listen, "--backend"])
-            .arg(format!("http://{}", sim.addr))
-            .arg("--poll-interval-ms")
+        cmd.args(["--listen", listen]);
+        match &config_file {
+            Some(file) => cmd.arg("--config").arg(file),
+            None => cmd.arg("--backend").arg(format!("http://{}", sim.addr)),
+        };
+        cmd.arg("--poll-interval-ms")
             .arg(poll_interval_ms.to_string());
         if let Some(r) = &redis {
             cmd.args(["--redis", &r.url(), "--role", role]);
@@ -1026,8 +1077,13 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     drop(worker);
     drop(redis);
     drop(sim);
+    drop(slow_sim);
+    if let Some(file) = &config_file {
+        let _ = std::fs::remove_file(file);
+    }
 
-    // 6. The report.
+    // 6. The report (staleness: of the first backend's tasks only).
+    let mut slow_staleness: Vec<u32> = Vec::new();
     let mut staleness: Vec<u32> = Vec::new();
     let mut final_staleness: Vec<u32> = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -1040,8 +1096,12 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         connected += r.connected as u64;
         disconnected += r.disconnected as u64;
         reconnects += r.reconnects;
-        staleness.extend_from_slice(&r.staleness);
-        final_staleness.extend_from_slice(&r.final_staleness);
+        if r.slow {
+            slow_staleness.extend_from_slice(&r.staleness);
+        } else {
+            staleness.extend_from_slice(&r.staleness);
+            final_staleness.extend_from_slice(&r.final_staleness);
+        }
         for (k, v) in r.errors {
             *errors.entry(k).or_default() += v;
         }
@@ -1064,6 +1124,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     }
     staleness.sort_unstable();
     final_staleness.sort_unstable();
+    slow_staleness.sort_unstable();
     let polls_total = stats["polls"].as_u64().unwrap_or(0);
     let per_task: Vec<u64> = stats["per_task"]
         .as_object()
@@ -1130,6 +1191,11 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             "p99": percentile(&staleness, 0.99),
             "max": staleness.last(),
             "ahead_of_clock": ahead,
+        },
+        "slow_backend_staleness_ms": {
+            "samples": slow_staleness.len(),
+            "p50": percentile(&slow_staleness, 0.50),
+            "p99": percentile(&slow_staleness, 0.99),
         },
         "final_staleness_ms": {
             "p50": percentile(&final_staleness, 0.50),
@@ -1250,6 +1316,14 @@ fn print_table(r: &serde_json::Value) {
                 s(&r["staleness_ms"]["p50"]),
                 s(&r["staleness_ms"]["p99"]),
                 s(&r["staleness_ms"]["max"])
+            ),
+        ),
+        (
+            "slow backend's staleness p50 / p99 ms",
+            format!(
+                "{} / {}",
+                s(&r["slow_backend_staleness_ms"]["p50"]),
+                s(&r["slow_backend_staleness_ms"]["p99"])
             ),
         ),
         (

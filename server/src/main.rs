@@ -21,7 +21,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let result = match cli.command {
-        Some(Command::Sim(c)) => run_sim(c.listen).await,
+        Some(Command::Sim(c)) => run_sim(c.listen, c.latency_ms).await,
         None => run(cli.config).await,
     };
     match result {
@@ -45,13 +45,17 @@ async fn run(config: server::config::Config) -> Result<(), Box<dyn std::error::E
     Ok(())
 }
 
-async fn run_sim(listen: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+async fn run_sim(
+    listen: std::net::SocketAddr,
+    latency_ms: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let stop = server::shutdown_signal();
     tracing::info!(
         "task-service simulator listening on http://{}",
         listener.local_addr()?
     );
-    sim::http::serve(listener, Arc::new(sim::Simulator::new()), stop).await?;
+    let latency = std::time::Duration::from_millis(latency_ms);
+    sim::http::serve(listener, Arc::new(sim::Simulator::new()), latency, stop).await?;
     Ok(())
 }

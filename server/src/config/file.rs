@@ -73,7 +73,9 @@ pub struct RawKind {
     pub name: String,
     pub backend: String,
     pub title: Option<String>,
-    /// The Celery task name (the `celery` adapter); params become its kwargs.
+    /// What the backend is asked to run: the Celery task name (required
+    /// for the `celery` adapter; params become its kwargs), else the `kind`
+    /// sent to the task service (default: the kind's own name).
     pub task: Option<String>,
     pub params: Option<Schema>,
 }
@@ -199,15 +201,10 @@ pub fn parse(
             .ok_or_else(|| format!("{at}: backend: no [[backend]] is named `{}`", k.backend))?;
         let is_celery = matches!(backends[backend].adapter, AdapterSpec::Celery { .. });
         let remote = match (&k.task, is_celery) {
-            (Some(t), true) => t.clone(),
+            (Some(t), _) => t.clone(),
             (None, true) => {
                 return Err(format!(
                     "{at}: task: a kind of a celery backend names its Celery task"
-                ))
-            }
-            (Some(_), false) => {
-                return Err(format!(
-                    "{at}: task: only a kind of a celery backend has one"
                 ))
             }
             (None, false) => k.name.clone(),

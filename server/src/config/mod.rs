@@ -35,6 +35,11 @@ pub struct SimConfig {
     /// Address the simulator listens on.
     #[arg(long, env = "TASKWIRE_SIM_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
+
+    /// Answer every `/tasks` request this much later (a slow task service,
+    /// for benchmarks).
+    #[arg(long, env = "TASKWIRE_SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
 }
 
 /// Where the task service is.

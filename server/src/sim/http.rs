@@ -31,13 +31,27 @@ pub fn router(sim: Arc<Simulator>) -> Router {
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes, then lets the
-/// requests in flight finish.
+/// requests in flight finish. `latency`: every `/tasks` request is answered
+/// that much later (a slow task service, for benchmarks; zero: none).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     sim: Arc<Simulator>,
+    latency: std::time::Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(sim))
+    let app = if latency.is_zero() {
+        router(sim)
+    } else {
+        router(sim).layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                if req.uri().path().starts_with("/tasks") {
+                    tokio::time::sleep(latency).await;
+                }
+                next.run(req).await
+            },
+        ))
+    };
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -167,7 +181,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, sim, async {
+        let task = tokio::spawn(serve(listener, sim, std::time::Duration::ZERO, async {
             let _ = stopped.await;
         }));
         TestServer { addr, stop, task }
