@@ -12,11 +12,16 @@ import path from 'node:path';
 // Browsers cannot be downloaded on this network, so the tests drive Debian's
 // Chromium (apt-get install -y chromium); override with CHROMIUM_PATH.
 // The server listens on 127.0.0.1:3100 unless TASKWIRE_E2E_PORT says otherwise.
+// TASKWIRE_BIN runs another binary than ./target/release/taskwire (relative
+// to the repository root), e.g. one built with CARGO_TARGET_DIR elsewhere;
+// the server itself reads TASKWIRE_SITE_ROOT (default target/site) for the
+// site's files. Both reach the servers the tests start, too (helpers.ts).
 
 const PORT = process.env.TASKWIRE_E2E_PORT ?? '3100';
 // The durable default, in a directory of this run's own.
 const DATA_DIR = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-'));
 const BASE_URL = `http://127.0.0.1:${PORT}`;
+const BIN = process.env.TASKWIRE_BIN ?? './target/release/taskwire';
 
 export default defineConfig({
   testDir: './tests',
@@ -55,7 +60,7 @@ export default defineConfig({
 
   webServer: {
     // Run from the repository root: the release binary finds target/site there.
-    command: `./target/release/taskwire --listen 127.0.0.1:${PORT} --admin-listen 127.0.0.1:0 --poll-interval-ms 200 --data-dir ${DATA_DIR}`,
+    command: `${BIN} --listen 127.0.0.1:${PORT} --admin-listen 127.0.0.1:0 --poll-interval-ms 200 --data-dir ${DATA_DIR}`,
     cwd: '..',
     url: `${BASE_URL}/`,
     reuseExistingServer: false,

@@ -96,13 +96,14 @@ fn on_message(page: PageState, text: &str) -> bool {
             code,
             message,
         } => {
-            let text = format!("{}: {message}", code.as_str());
             let from_form = reference
                 .as_deref()
                 .is_some_and(|r| r.starts_with("start-"));
             if from_form || code == ErrorCode::InvalidParams {
-                page.form_error.set(Some(FormError::about(text)));
+                page.form_error
+                    .set(Some(FormError::from_server(code.as_str(), &message)));
             } else {
+                let text = format!("{}: {message}", code.as_str());
                 page.toast(text, crate::protocol::TaskState::Failed);
             }
         }
@@ -113,7 +114,7 @@ fn on_message(page: PageState, text: &str) -> bool {
 fn upsert(page: PageState, task: Task) {
     let short = task.id.chars().take(9).collect::<String>();
     let state = task.state;
-    let kind = task.kind.clone();
+    let kind = page.kind_title(&task.kind);
     let outcome = page
         .tasks
         .try_update_untracked(|list| store::upsert(list, task));

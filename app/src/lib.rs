@@ -2,6 +2,7 @@
 //! UI. Browser-only code (the WebSocket client) sits behind `hydrate`,
 //! server-only code (the HTML shell) behind `ssr`.
 
+pub mod form;
 pub mod kinds;
 pub mod page;
 pub mod protocol;
@@ -12,22 +13,34 @@ pub mod ui;
 #[cfg(feature = "hydrate")]
 mod client;
 
-pub use page::{InitialTasks, StylesheetHref};
+pub use page::{InitialTasks, Kinds, StylesheetHref};
 pub use ui::App;
 
 /// The id of the `<script>` in the page's head holding the session's tasks
 /// at render time, for hydration to start from.
 pub const INITIAL_TASKS_ID: &str = "tw-initial";
 
+/// The id of the `<script>` in the page's head holding the kinds the page
+/// offers (a JSON array of [`kinds::KindInfo`]), for hydration to render
+/// the same form.
+pub const KINDS_ID: &str = "tw-kinds";
+
+/// JSON for a `<script type="application/json">`: `</` could end the
+/// script early; `<\/` is the same JSON string.
+#[cfg(feature = "ssr")]
+fn script_json<T: serde::Serialize>(value: &T, empty: &str) -> String {
+    serde_json::to_string(value)
+        .unwrap_or_else(|_| empty.into())
+        .replace("</", "<\\/")
+}
+
 #[cfg(feature = "ssr")]
 pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::IntoView {
     use leptos::prelude::*;
     let tasks = use_context::<InitialTasks>().unwrap_or_default().0;
     let title = page::page_title(tasks.iter());
-    // `</` could end the script early; `<\/` is the same JSON string.
-    let initial = serde_json::to_string(&tasks)
-        .unwrap_or_else(|_| "[]".into())
-        .replace("</", "<\\/");
+    let initial = script_json(&tasks, "[]");
+    let kinds = script_json(&use_context::<Kinds>().unwrap_or_default().0, "[]");
     let stylesheet = use_context::<page::StylesheetHref>()
         .map(|h| h.0)
         .unwrap_or_else(|| format!("/{}/{}.css", options.site_pkg_dir, options.output_name));
@@ -44,6 +57,7 @@ pub fn shell(options: leptos::prelude::LeptosOptions) -> impl leptos::prelude::I
                 <title>{title}</title>
                 <link rel="stylesheet" id="leptos" href=stylesheet/>
                 <script id=INITIAL_TASKS_ID type="application/json" inner_html=initial></script>
+                <script id=KINDS_ID type="application/json" inner_html=kinds></script>
             </head>
             <body>
                 <App/>

@@ -4,6 +4,7 @@
 //! Plain data and pure functions, so both the views (`ui`) and the socket
 //! (`client`) import it and neither imports the other's insides.
 
+use crate::kinds::{simulate_kind, KindInfo, ParamsError};
 use crate::protocol::{Task, TaskState};
 use crate::store::TaskView;
 use leptos::prelude::*;
@@ -32,17 +33,50 @@ impl ConnState {
 /// An error about the form, next to the field it concerns when known.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FormError {
-    pub field: Option<&'static str>,
+    /// The params property to blame (`#err-<field>`), when one is.
+    pub field: Option<String>,
     pub text: String,
 }
 
 impl FormError {
-    /// Finds the field a message is about by the names it mentions.
-    pub fn about(text: String) -> Self {
-        let field = ["duration_ms", "steps", "fail_at"]
-            .into_iter()
-            .find(|f| text.contains(f));
-        FormError { field, text }
+    /// An error about the form as a whole.
+    pub fn general(text: String) -> Self {
+        FormError { field: None, text }
+    }
+
+    /// The page's own check of a field.
+    pub fn local(e: ParamsError) -> Self {
+        FormError {
+            field: e.field,
+            text: e.message,
+        }
+    }
+
+    /// A refusal from the server, at the field its message names: the
+    /// engine's schema check writes `<field>: <why>` (the field shows
+    /// `<why>`); the simulator quotes the field in backticks
+    /// (`` `steps` must be… ``). About no field: `code: message`.
+    pub fn from_server(code: &str, message: &str) -> Self {
+        let plain = |f: &str| {
+            !f.is_empty()
+                && f.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        if let Some((field, why)) = message.split_once(": ").filter(|(f, _)| plain(f)) {
+            return FormError {
+                field: Some(field.to_string()),
+                text: why.to_string(),
+            };
+        }
+        let mut quoted = message.split('`');
+        quoted.next();
+        match quoted.next().filter(|f| plain(f)) {
+            Some(field) => FormError {
+                field: Some(field.to_string()),
+                text: message.to_string(),
+            },
+            None => FormError::general(format!("{code}: {message}")),
+        }
     }
 }
 
@@ -71,9 +105,20 @@ pub struct PageState {
     pub now: RwSignal<u64>,
     pub form_error: RwSignal<Option<FormError>>,
     pub toasts: RwSignal<Vec<Toast>>,
+    /// The kinds the page offers (what cards and toasts call them).
+    pub kinds: StoredValue<Vec<KindInfo>>,
 }
 
 impl PageState {
+    /// A kind's title when the page knows the kind, else its name.
+    pub fn kind_title(&self, kind: &str) -> String {
+        self.kinds.with_value(|ks| {
+            ks.iter()
+                .find(|k| k.name == kind)
+                .map_or_else(|| kind.to_string(), |k| k.title().to_string())
+        })
+    }
+
     pub fn toast(&self, text: String, state: TaskState) {
         let id = self
             .toasts
@@ -98,6 +143,30 @@ impl PageState {
 /// The session's tasks as the server knows them at render time.
 #[derive(Clone, Debug, Default)]
 pub struct InitialTasks(pub Vec<Task>);
+
+/// The kinds the page offers, in the order its selector lists them; the
+/// server provides them (and writes them into the page's head for
+/// hydration).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kinds(pub Vec<KindInfo>);
+
+impl Kinds {
+    /// The configured kinds; none configured (any kind goes to the one
+    /// backend): the simulator's `simulate`.
+    pub fn offered(configured: Vec<KindInfo>) -> Kinds {
+        if configured.is_empty() {
+            Kinds(vec![simulate_kind()])
+        } else {
+            Kinds(configured)
+        }
+    }
+}
+
+impl Default for Kinds {
+    fn default() -> Self {
+        Kinds::offered(Vec::new())
+    }
+}
 
 /// Where the page's stylesheet is (its name carries a content hash when
 /// cargo-leptos hashed the assets); the server provides it.
@@ -142,11 +211,34 @@ mod tests {
 
     #[test]
     fn server_errors_find_their_field() {
+        let field = |m: &str| FormError::from_server("invalid_params", m).field;
+        // The engine's schema check.
         assert_eq!(
-            FormError::about("`steps` must be 1..".into()).field,
+            field("n: How many must be from 1 to 100").as_deref(),
+            Some("n")
+        );
+        // The simulator's own.
+        assert_eq!(
+            field("`steps` must be an integer").as_deref(),
             Some("steps")
         );
-        assert_eq!(FormError::about("backend down".into()).field, None);
+        assert_eq!(field("backend down: connection refused"), None);
+        assert_eq!(field("no such kind"), None);
+        let e = FormError::from_server("invalid_params", "n: too big");
+        assert_eq!(e.text, "too big");
+        let e = FormError::from_server("unavailable", "backend down: refused");
+        assert_eq!(e.text, "unavailable: backend down: refused");
+    }
+
+    #[test]
+    fn no_configured_kinds_offer_simulate() {
+        assert_eq!(Kinds::offered(vec![]).0, vec![simulate_kind()]);
+        let k = KindInfo {
+            name: "count".into(),
+            title: None,
+            params: None,
+        };
+        assert_eq!(Kinds::offered(vec![k.clone()]).0, vec![k]);
     }
 
     #[test]

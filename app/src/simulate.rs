@@ -2,7 +2,8 @@
 //! of its params, written once. The page checks its form against them; the
 //! server's simulator (`server/src/sim/spec.rs`) enforces them.
 
-use crate::page::FormError;
+use crate::kinds::ParamsError;
+use serde_json::Value;
 
 /// The one kind the simulator runs.
 pub const KIND_SIMULATE: &str = "simulate";
@@ -11,82 +12,59 @@ pub const MAX_DURATION_MS: u64 = 86_400_000;
 /// The most `steps` the simulator takes.
 pub const MAX_STEPS: u64 = 1_000_000_000;
 
-/// The `simulate` params the form describes, or what is wrong with them.
-pub fn simulate_params(
-    duration_ms: &str,
-    steps: &str,
-    fail_at: &str,
-) -> Result<serde_json::Value, FormError> {
-    let err = |field, text: &str| FormError {
-        field: Some(field),
-        text: text.to_string(),
-    };
-    let duration_ms: u64 = duration_ms
-        .trim()
-        .parse()
-        .ok()
-        .filter(|d| (1..=MAX_DURATION_MS).contains(d))
-        .ok_or_else(|| {
-            err(
-                "duration_ms",
-                &format!("duration must be a whole number of milliseconds, 1 to {MAX_DURATION_MS}"),
-            )
-        })?;
-    let steps: u64 = steps
-        .trim()
-        .parse()
-        .ok()
-        .filter(|s| (1..=MAX_STEPS).contains(s))
-        .ok_or_else(|| {
-            err(
-                "steps",
-                &format!("steps must be a whole number, 1 to {MAX_STEPS}"),
-            )
-        })?;
-    let fail_at = match fail_at.trim() {
-        "" => None,
-        f => Some(
-            f.parse::<u64>()
-                .ok()
-                .filter(|f| *f <= steps)
-                .ok_or_else(|| err("fail_at", "fail at must be empty or a step from 0 to steps"))?,
-        ),
-    };
-    Ok(serde_json::json!({ "duration_ms": duration_ms, "steps": steps, "fail_at": fail_at }))
+/// What the `simulate` schema ([`crate::kinds::simulate_kind`]) cannot say:
+/// `fail_at` is a step, so at most `steps`. The page checks it on top of
+/// the schema before sending.
+pub fn simulate_rules(params: &Value) -> Result<(), ParamsError> {
+    let get = |k: &str| params.get(k).and_then(Value::as_u64);
+    match (get("fail_at"), get("steps")) {
+        (Some(f), Some(steps)) if f > steps => Err(ParamsError {
+            field: Some("fail_at".into()),
+            message: "fail at must be empty or a step from 0 to steps".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kinds::simulate_kind;
+    use serde_json::json;
+
+    fn check(p: Value) -> Result<(), Option<String>> {
+        let schema = simulate_kind().params.unwrap();
+        schema
+            .check(&p)
+            .and_then(|_| simulate_rules(&p))
+            .map_err(|e| e.field)
+    }
 
     #[test]
     fn form_params_are_checked_before_sending() {
+        assert!(check(json!({"duration_ms": 1000, "steps": 10})).is_ok());
+        assert!(check(json!({"duration_ms": 1000, "steps": 10, "fail_at": 5})).is_ok());
+        assert!(check(json!({"duration_ms": 1000, "steps": 10, "fail_at": 10})).is_ok());
+        let field = |p| check(p).unwrap_err();
         assert_eq!(
-            simulate_params("1000", "10", "").unwrap(),
-            serde_json::json!({"duration_ms": 1000, "steps": 10, "fail_at": null})
-        );
-        assert_eq!(simulate_params("1000", "10", "5").unwrap()["fail_at"], 5);
-        assert_eq!(
-            simulate_params("0", "10", "").unwrap_err().field,
+            field(json!({"duration_ms": 0, "steps": 10})).as_deref(),
             Some("duration_ms")
         );
         assert_eq!(
-            simulate_params("1000", "x", "").unwrap_err().field,
+            field(json!({"duration_ms": 1000, "steps": "x"})).as_deref(),
             Some("steps")
         );
         assert_eq!(
-            simulate_params("1000", "10", "11").unwrap_err().field,
+            field(json!({"duration_ms": 1000, "steps": 10, "fail_at": 11})).as_deref(),
             Some("fail_at")
         );
     }
 
     #[test]
     fn the_bounds_are_inclusive() {
-        let max = MAX_DURATION_MS.to_string();
-        assert!(simulate_params(&max, "1", "").is_ok());
-        let over = (MAX_DURATION_MS + 1).to_string();
-        assert!(simulate_params(&over, "1", "").is_err());
-        assert!(simulate_params("1", &MAX_STEPS.to_string(), "").is_ok());
-        assert!(simulate_params("1", &(MAX_STEPS + 1).to_string(), "").is_err());
+        assert!(check(json!({"duration_ms": MAX_DURATION_MS, "steps": 1})).is_ok());
+        assert!(check(json!({"duration_ms": MAX_DURATION_MS + 1, "steps": 1})).is_err());
+        assert!(check(json!({"duration_ms": 1, "steps": MAX_STEPS})).is_ok());
+        assert!(check(json!({"duration_ms": 1, "steps": MAX_STEPS + 1})).is_err());
     }
 }

@@ -3,9 +3,10 @@
 //! server renders it with the session's tasks already in it; the browser
 //! hydrates it and keeps it live from the WebSocket.
 
-use crate::page::{ConnState, FormError, PageState, Toast};
+use crate::form::{self, Control};
+use crate::kinds::{KindInfo, Property};
+use crate::page::{ConnState, FormError, Kinds, PageState, Toast};
 use crate::protocol::{ClientMsg, Task, TaskState};
-use crate::simulate::{simulate_params, KIND_SIMULATE};
 use crate::store::{self, TaskView};
 use leptos::prelude::*;
 
@@ -50,6 +51,29 @@ fn initial_tasks() -> Vec<Task> {
     }
 }
 
+/// The kinds the page offers: on the server from context, in the browser
+/// from the JSON the server wrote into the page's head (the same list, so
+/// hydration renders the same form).
+fn offered_kinds() -> Vec<KindInfo> {
+    #[cfg(feature = "ssr")]
+    {
+        use_context::<Kinds>().unwrap_or_default().0
+    }
+    #[cfg(all(feature = "hydrate", not(feature = "ssr")))]
+    {
+        let configured: Vec<KindInfo> = document()
+            .get_element_by_id(crate::KINDS_ID)
+            .and_then(|e| e.text_content())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Kinds::offered(configured).0
+    }
+    #[cfg(not(any(feature = "ssr", feature = "hydrate")))]
+    {
+        Kinds::default().0
+    }
+}
+
 #[component]
 pub fn App() -> impl IntoView {
     let mut initial: Vec<TaskView> = Vec::new();
@@ -62,6 +86,7 @@ pub fn App() -> impl IntoView {
         now: RwSignal::new(0),
         form_error: RwSignal::new(None),
         toasts: RwSignal::new(Vec::new()),
+        kinds: StoredValue::new(offered_kinds()),
     };
     let hydrated = RwSignal::new(false);
 
@@ -83,7 +108,7 @@ pub fn App() -> impl IntoView {
             };
             if let Some(p) = problem {
                 if start {
-                    page.form_error.set(Some(FormError::about(p.into())));
+                    page.form_error.set(Some(FormError::general(p.into())));
                 } else {
                     page.toast(p.into(), TaskState::Failed);
                 }
@@ -157,60 +182,162 @@ fn ConnIndicator(page: PageState) -> impl IntoView {
     }
 }
 
+/// One property's control, its label (the title, else the name), its help
+/// (the description) and its error (`#err-<name>`).
 #[component]
 fn Field(
-    name: &'static str,
-    label: &'static str,
+    name: String,
+    prop: Property,
+    required: bool,
     value: RwSignal<String>,
     error: RwSignal<Option<FormError>>,
-    #[prop(optional)] placeholder: &'static str,
-    min: &'static str,
 ) -> impl IntoView {
+    let input_id = format!("field-{name}");
     let err_id = format!("err-{name}");
-    let mine = move || {
-        error.with(|e| {
-            e.as_ref()
-                .filter(|e| e.field == Some(name))
-                .map(|e| e.text.clone())
-        })
+    let help_id = format!("help-{name}");
+    let described = match prop.description {
+        Some(_) => format!("{help_id} {err_id}"),
+        None => err_id.clone(),
     };
-    view! {
-        <label>
-            {label}
-            <input name=name type="number" min=min inputmode="numeric" placeholder=placeholder
-                aria-invalid=move || mine().map(|_| "true")
-                aria-describedby=err_id.clone()
+    let mine = {
+        let name = name.clone();
+        move || {
+            error.with(|e| {
+                e.as_ref()
+                    .filter(|e| e.field.as_deref() == Some(name.as_str()))
+                    .map(|e| e.text.clone())
+            })
+        }
+    };
+    let invalid = {
+        let mine = mine.clone();
+        move || mine().map(|_| "true")
+    };
+    let label = prop.label(&name).to_string();
+    let num = |n: Option<f64>| n.map(|n| n.to_string());
+    let control = form::control(&prop);
+    let input = match control {
+        Control::Number { integer } => view! {
+            <input id=input_id.clone() name=name.clone() type="number"
+                min=num(prop.minimum) max=num(prop.maximum)
+                step=if integer { "1" } else { "any" }
+                inputmode=if integer { "numeric" } else { "decimal" }
+                required=required
+                aria-invalid=invalid aria-describedby=described
                 value=value.get_untracked()
                 prop:value=move || value.get()
                 on:input=move |ev| value.set(event_target_value(&ev))/>
+        }
+        .into_any(),
+        Control::Text => view! {
+            <input id=input_id.clone() name=name.clone() type="text"
+                maxlength=prop.max_length.map(|n| n.to_string())
+                required=required
+                aria-invalid=invalid aria-describedby=described
+                value=value.get_untracked()
+                prop:value=move || value.get()
+                on:input=move |ev| value.set(event_target_value(&ev))/>
+        }
+        .into_any(),
+        Control::Checkbox => view! {
+            <input id=input_id.clone() name=name.clone() type="checkbox"
+                aria-invalid=invalid aria-describedby=described
+                checked=value.get_untracked() == "true"
+                prop:checked=move || value.get() == "true"
+                on:change=move |ev| value.set(if event_target_checked(&ev) { "true".into() } else { String::new() })/>
+        }
+        .into_any(),
+        Control::Select => {
+            let start = value.get_untracked();
+            let options = prop.one_of.clone().unwrap_or_default();
+            // No value yet (no default): an empty choice first.
+            let blank = (!required || prop.default.is_none())
+                .then(|| view! { <option value="" selected=start.is_empty()>"—"</option> });
+            let options = options
+                .iter()
+                .map(|v| {
+                    let val = form::option_value(v);
+                    let selected = val == start;
+                    view! { <option value=val selected=selected>{form::option_label(v)}</option> }
+                })
+                .collect_view();
+            view! {
+                <select id=input_id.clone() name=name.clone()
+                    required=required
+                    aria-invalid=invalid aria-describedby=described
+                    prop:value=move || value.get()
+                    on:change=move |ev| value.set(event_target_value(&ev))>
+                    {blank}
+                    {options}
+                </select>
+            }
+            .into_any()
+        }
+    };
+    let help = prop
+        .description
+        .clone()
+        .map(|d| view! { <span class="field-help" id=help_id>{d}</span> });
+    let class = if control == Control::Checkbox {
+        "field check"
+    } else {
+        "field"
+    };
+    view! {
+        <div class=class>
+            <label for=input_id>{label}</label>
+            {input}
+            {help}
             <span class="field-error" id=err_id>{mine}</span>
-        </label>
+        </div>
     }
 }
 
+/// The form of every kind the page offers: a selector when there are
+/// several, and the chosen kind's fields, from its schema.
 #[component]
 fn StartForm(send: Callback<ClientMsg>, page: PageState) -> impl IntoView {
-    let duration = RwSignal::new("10000".to_string());
-    let steps = RwSignal::new("100".to_string());
-    let fail_at = RwSignal::new(String::new());
+    let kinds = page.kinds.get_value();
+    // Each kind's fields keep their text while another kind is chosen.
+    let values: Vec<Vec<RwSignal<String>>> = kinds
+        .iter()
+        .map(|k| {
+            k.params.as_ref().map_or_else(Vec::new, |s| {
+                s.properties
+                    .iter()
+                    .map(|(_, p)| RwSignal::new(form::initial_value(p)))
+                    .collect()
+            })
+        })
+        .collect();
+    let values = StoredValue::new(values);
+    let kinds = StoredValue::new(kinds);
+    let chosen = RwSignal::new(0usize);
     let started = StoredValue::new(0u64);
     let error = page.form_error;
 
-    let start = move |count: u32| match simulate_params(
-        &duration.get_untracked(),
-        &steps.get_untracked(),
-        &fail_at.get_untracked(),
-    ) {
-        Err(e) => error.set(Some(e)),
-        Ok(params) => {
-            error.set(None);
-            for _ in 0..count {
-                started.update_value(|n| *n += 1);
-                send.run(ClientMsg::Start {
-                    reference: format!("start-{}", started.get_value()),
-                    kind: KIND_SIMULATE.into(),
-                    params: params.clone(),
-                });
+    let start = move |count: u32| {
+        let i = chosen.get_untracked();
+        let Some(kind) = kinds.with_value(|ks| ks.get(i).cloned()) else {
+            return;
+        };
+        let text: Vec<String> = values.with_value(|v| {
+            v.get(i)
+                .map(|fields| fields.iter().map(|s| s.get_untracked()).collect())
+                .unwrap_or_default()
+        });
+        match form::form_params(&kind, &text) {
+            Err(e) => error.set(Some(FormError::local(e))),
+            Ok(params) => {
+                error.set(None);
+                for _ in 0..count {
+                    started.update_value(|n| *n += 1);
+                    send.run(ClientMsg::Start {
+                        reference: format!("start-{}", started.get_value()),
+                        kind: kind.name.clone(),
+                        params: params.clone(),
+                    });
+                }
             }
         }
     };
@@ -219,16 +346,90 @@ fn StartForm(send: Callback<ClientMsg>, page: PageState) -> impl IntoView {
         start(1);
     };
 
+    let selector = (kinds.with_value(Vec::len) > 1).then(|| {
+        let options = kinds.with_value(|ks| {
+            ks.iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    view! { <option value=i.to_string() selected=i == 0>{k.title().to_string()}</option> }
+                })
+                .collect_view()
+        });
+        view! {
+            <div class="field kind-pick">
+                <label for="kind">"Kind"</label>
+                <select id="kind" prop:value=move || chosen.get().to_string()
+                    on:change=move |ev| {
+                        if let Ok(i) = event_target_value(&ev).parse::<usize>() {
+                            error.set(None);
+                            chosen.set(i);
+                        }
+                    }>
+                    {options}
+                </select>
+            </div>
+        }
+    });
+    let fields = move || {
+        let i = chosen.get();
+        let kind = kinds.with_value(|ks| ks.get(i).cloned());
+        let signals = values.with_value(|v| v.get(i).cloned().unwrap_or_default());
+        kind.and_then(|k| k.params).map(|schema| {
+            let about = schema
+                .description
+                .clone()
+                .map(|d| view! { <p class="kind-help">{d}</p> });
+            let fields = schema
+                .properties
+                .into_iter()
+                .zip(signals)
+                .map(|((name, prop), value)| {
+                    let required = schema.required.contains(&name);
+                    view! { <Field name prop required value error/> }
+                })
+                .collect_view();
+            view! { {about} {fields} }
+        })
+    };
+
+    // The field to fix gets the focus, whether the page or the server found
+    // the fault (a screen reader reads its label, then its error through
+    // aria-describedby).
+    #[cfg(feature = "hydrate")]
+    Effect::new(move |_| {
+        use wasm_bindgen::JsCast;
+        let field = error.with(|e| e.as_ref().and_then(|e| e.field.clone()));
+        if let Some(input) = field
+            .and_then(|f| document().get_element_by_id(&format!("field-{f}")))
+            .and_then(|el| el.dyn_into::<web_sys::HtmlElement>().ok())
+        {
+            let _ = input.focus();
+        }
+    });
+    // An error at a field of the chosen kind shows there; any other here.
+    let general_error = move || {
+        let shown = |field: &str| {
+            kinds.with_value(|ks| {
+                ks.get(chosen.get())
+                    .and_then(|k| k.params.as_ref())
+                    .is_some_and(|s| s.properties.iter().any(|(name, _)| name == field))
+            })
+        };
+        error
+            .get()
+            .filter(|e| !e.field.as_deref().is_some_and(shown))
+            .map(|e| e.text)
+    };
+
     view! {
         <form id="start-form" class="start" on:submit=on_submit novalidate>
-            <Field name="duration_ms" label="Duration (ms)" value=duration error min="1"/>
-            <Field name="steps" label="Steps" value=steps error min="1"/>
-            <Field name="fail_at" label="Fail at step (optional)" value=fail_at error min="0" placeholder="never"/>
+            {selector}
+            <div class="fields">{fields}</div>
             <div class="actions">
                 <button type="submit">"Start"</button>
                 <button type="button" class="secondary" id="start-10" on:click=move |_| start(10)>"Start 10"</button>
             </div>
-            <p id="start-error" class="form-error" role="alert">{move || error.get().map(|e| e.text)}</p>
+            <p id="start-error" class="form-error" role="alert">{general_error}</p>
         </form>
     }
 }
@@ -318,6 +519,8 @@ fn fmt_rate(per_s: f64) -> String {
     format!("{}.{}/s", tenths / 10, tenths % 10)
 }
 
+/// `simulate`'s params as "100 over 10.0 s · fails at 5"; any other
+/// kind's as "n: 5 · mode: fast".
 fn fmt_params(params: &serde_json::Value) -> String {
     let get = |k: &str| params.get(k).and_then(|v| v.as_u64());
     let mut parts = vec![];
@@ -327,9 +530,17 @@ fn fmt_params(params: &serde_json::Value) -> String {
             get("steps").unwrap_or(0),
             fmt_duration(d)
         ));
-    }
-    if let Some(f) = get("fail_at") {
-        parts.push(format!("fails at {f}"));
+        if let Some(f) = get("fail_at") {
+            parts.push(format!("fails at {f}"));
+        }
+    } else if let Some(map) = params.as_object() {
+        for (k, v) in map {
+            match v {
+                serde_json::Value::Null => {}
+                serde_json::Value::String(s) => parts.push(format!("{k}: {s}")),
+                v => parts.push(format!("{k}: {v}")),
+            }
+        }
     }
     parts.join(" · ")
 }
@@ -408,7 +619,9 @@ fn TaskCard(id: String, page: PageState, send: Callback<ClientMsg>) -> impl Into
     view! {
         <li class="task" data-task-id=id.clone() data-state=move || state.get().as_str()>
             <div class="task-head">
-                <span class="kind">{task(|t| t.kind.clone())}</span>
+                <span class="kind" data-kind=task(|t| t.kind.clone())>
+                    {move || page.kind_title(&view_of.with(|v| v.as_ref().map(|v| v.task.kind.clone()).unwrap_or_default()))}
+                </span>
                 <span class="params">{task(|t| t.params.as_ref().map(fmt_params).unwrap_or_default())}</span>
                 <span class=move || format!("state badge badge-{}", state.get().as_str())>
                     {move || state.get().as_str()}
@@ -471,6 +684,14 @@ mod tests {
         assert_eq!(fmt_duration(65_000), "1 m 05 s");
         assert_eq!(fmt_duration(3_660_000), "1 h 01 m");
         assert_eq!(fmt_rate(12.34), "12.3/s");
+        assert_eq!(
+            fmt_params(&serde_json::json!({"duration_ms": 1500, "steps": 6, "fail_at": 2})),
+            "6 over 1.5 s · fails at 2"
+        );
+        assert_eq!(
+            fmt_params(&serde_json::json!({"n": 5, "mode": "fast", "x": null})),
+            "mode: fast · n: 5"
+        );
         assert_eq!(
             spark_points(&[(0, 0), (50, 5), (100, 10)], Some(10)),
             "0,20 50,10 100,0"

@@ -144,6 +144,11 @@ test('screenshots in light and dark', async ({ page }, testInfo) => {
   await expect(taskItem(page, running)).toHaveAttribute('data-state', 'running');
   await expect.poll(async () => (await percentOf(taskItem(page, running))) ?? 0).toBeGreaterThan(0);
 
+  // The toasts cover no state badge, bar or button: at this (desktop) width
+  // they sit in the margin beside the content column, whatever the scroll.
+  await expect(page.locator('.toasts .toast').first()).toBeVisible();
+  expect(await toastsOverlap(page)).toEqual([]);
+
   const backgrounds: Record<string, string> = {};
   for (const scheme of ['light', 'dark'] as const) {
     await page.emulateMedia({ colorScheme: scheme });
@@ -165,7 +170,36 @@ test('screenshots in light and dark', async ({ page }, testInfo) => {
   expect(luminance(backgrounds.dark), JSON.stringify(backgrounds)).toBeLessThan(
     luminance(backgrounds.light),
   );
+
+  // At phone width the toasts follow the list (sticking to the viewport's
+  // bottom while it runs on below): at the end of the page they cover nothing.
+  await page.emulateMedia({ colorScheme: 'light' });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await taskItem(page, running).locator('button.cancel').click();
+  await expect(taskItem(page, running)).toHaveAttribute('data-state', 'cancelled');
+  await expect(page.locator('.toasts .toast').first()).toBeVisible();
+  await page.evaluate(() => window.scrollTo(0, document.documentElement.scrollHeight));
+  expect(await toastsOverlap(page)).toEqual([]);
+  const phone = testInfo.outputPath('dashboard-phone.png');
+  await page.screenshot({ path: phone, fullPage: true });
+  await testInfo.attach('dashboard-phone', { path: phone, contentType: 'image/png' });
 });
+
+/** Which toasts cover a state badge, a bar or a button on the screen (none, one hopes). */
+async function toastsOverlap(page: Page): Promise<string[]> {
+  return page.evaluate(() => {
+    const boxes = (sel: string) =>
+      [...document.querySelectorAll(sel)].map((e) => ({ e, r: e.getBoundingClientRect() }));
+    const hit = (a: DOMRect, b: DOMRect) =>
+      a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+    const covered = boxes('.badge, .bar, .task button, #start-form button, nav.toolbar button');
+    return boxes('.toasts .toast').flatMap((t) =>
+      covered
+        .filter((c) => hit(t.r, c.r))
+        .map((c) => `${t.e.textContent} covers ${c.e.className || c.e.tagName}`),
+    );
+  });
+}
 
 test("the server renders the session's tasks into the page", async ({ page, baseURL }) => {
   await openApp(page);

@@ -3,6 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 
@@ -11,13 +12,21 @@ import path from 'node:path';
 // The page's DOM contract:
 //   main[data-hydrated="true"]              once the wasm has hydrated
 //   #conn[data-state]                       connecting | connected | reconnecting | offline
-//   form#start-form                         input[name=duration_ms|steps|fail_at],
-//                                           button[type=submit], button#start-10
+//   form#start-form                         the chosen kind's fields, from its schema
+//                                           (label[for] > #field-<name>[name=<name>]:
+//                                           input type=number|text|checkbox, or select),
+//                                           button[type=submit], button#start-10;
+//                                           simulate's: input[name=duration_ms|steps|fail_at]
+//   select#kind                             only with several kinds: option value = index,
+//                                           text = the kind's title
 //   #start-error, #err-<field>              form and field errors (aria-invalid on the input)
+//   #help-<field>                           a property's description (aria-describedby)
+//   head script#tw-kinds                    the kinds offered (JSON), as GET /api/kinds
 //   nav.toolbar                             button.chip[data-filter][aria-pressed] > span.n,
 //                                           button#clear-finished
 //   ul#tasks > li.task[data-task-id][data-state]   running first, then finished; newest first
 //     [role=progressbar][aria-valuenow]     whole percent, absent while the total is unknown
+//     .kind[data-kind]                      the kind's title (text), its name (attribute)
 //     .state .pct .count .elapsed .rate .eta .message .error svg.spark polyline code.task-id
 //     button.cancel                         only while queued or running
 //   .toasts .toast                          a task finished (text names its final state)
@@ -64,6 +73,9 @@ export { expect };
 
 /** The repository root (the release binary runs from there). */
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** The server binary: TASKWIRE_BIN (relative to the repository root), else the release build. */
+export const TASKWIRE_BIN = process.env.TASKWIRE_BIN ?? './target/release/taskwire';
 
 export interface StartParams {
   durationMs: number;
@@ -194,6 +206,52 @@ export async function expectNoDuplicates(page: Page): Promise<string[]> {
 }
 
 // ---------------------------------------------------------------------------
+// Accessibility: axe-core (WCAG 2 A and AA) on the page as it is.
+
+const AXE_PATH = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
+
+/**
+ * Makes axe-core available on every page of the context loaded from now on.
+ * An init script: it runs outside the page's CSP (a <script> tag added
+ * later would be refused, and the CSP guard would fail the test).
+ */
+export async function installAxe(page: Page): Promise<void> {
+  await page.context().addInitScript({ path: AXE_PATH });
+}
+
+interface AxeViolation {
+  id: string;
+  impact: string | null;
+  help: string;
+  nodes: { target: string[]; failureSummary?: string }[];
+}
+
+/** Runs axe-core (tags wcag2a, wcag2aa) and expects no violation; `what` names the case. */
+export async function expectNoAxeViolations(page: Page, what: string): Promise<void> {
+  const violations = await page.evaluate(async () => {
+    const axe = (window as unknown as { axe: { run: (...a: unknown[]) => Promise<{ violations: AxeViolation[] }> } }).axe;
+    const result = await axe.run(document, {
+      runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa'] },
+      resultTypes: ['violations'],
+    });
+    return result.violations.map((v) => ({
+      id: v.id,
+      impact: v.impact,
+      help: v.help,
+      nodes: v.nodes.map((n) => ({ target: n.target, failureSummary: n.failureSummary })),
+    }));
+  });
+  const report = violations
+    .map(
+      (v) =>
+        `${v.id} (${v.impact}): ${v.help}\n` +
+        v.nodes.map((n) => `  ${n.target.join(' ')}: ${n.failureSummary ?? ''}`).join('\n'),
+    )
+    .join('\n');
+  expect(violations.length, `axe-core, ${what}:\n${report}`).toBe(0);
+}
+
+// ---------------------------------------------------------------------------
 // A taskwire server of a test's own (for stopping and restarting it).
 
 /** A TCP port that was free a moment ago on 127.0.0.1. */
@@ -216,7 +274,11 @@ export class OwnServer {
   /** Its own data directory, kept across stop and start (a restart keeps what it had). */
   readonly dataDir = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-'));
 
-  constructor(readonly port: number) {}
+  /** `extra`: more arguments for the binary, e.g. `['--config', file]`. */
+  constructor(
+    readonly port: number,
+    readonly extra: string[] = [],
+  ) {}
 
   get url(): string {
     return `http://127.0.0.1:${this.port}`;
@@ -226,7 +288,7 @@ export class OwnServer {
   async start(): Promise<void> {
     expect(this.child, 'the server is not already running').toBeNull();
     const child = spawn(
-      './target/release/taskwire',
+      TASKWIRE_BIN,
       [
         '--listen',
         `127.0.0.1:${this.port}`,
@@ -236,6 +298,7 @@ export class OwnServer {
         '200',
         '--data-dir',
         this.dataDir,
+        ...this.extra,
       ],
       { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
     );

@@ -240,3 +240,50 @@ async fn a_body_over_the_limit_is_413() {
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_kinds_are_listed_and_written_into_the_page() {
+    let site = Site::new("kinds");
+    let app = spawn(&site, |_| {}).await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("http://{}/api/kinds", app.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        header(&resp, reqwest::header::CONTENT_TYPE).starts_with("application/json"),
+        "{:?}",
+        resp.headers()
+    );
+    let listed: Vec<app::kinds::KindInfo> = resp.json().await.unwrap();
+    // No [[kind]] configured: the page offers the simulator's kind.
+    assert_eq!(listed, vec![app::kinds::simulate_kind()]);
+
+    let html = http
+        .get(format!("http://{}/", app.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open = "<script id=\"tw-kinds\" type=\"application/json\">";
+    let at = html
+        .find(open)
+        .unwrap_or_else(|| panic!("{open} in:\n{html}"))
+        + open.len();
+    let json = &html[at..at + html[at..].find("</script>").unwrap()];
+    let written: Vec<app::kinds::KindInfo> = serde_json::from_str(json).unwrap();
+    assert_eq!(written, listed);
+    // The form from the schema: simulate's fields, no selector for one kind.
+    for name in ["duration_ms", "steps", "fail_at"] {
+        assert!(
+            html.contains(&format!("name=\"{name}\"")),
+            "{name} in:\n{html}"
+        );
+    }
+    assert!(!html.contains("id=\"kind\""), "{html}");
+    app.stop().await;
+}

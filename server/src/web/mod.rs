@@ -9,7 +9,7 @@ pub mod session;
 pub mod ws;
 
 use crate::{metrics, AppState};
-use app::{shell, App, InitialTasks, StylesheetHref};
+use app::{shell, App, InitialTasks, Kinds, StylesheetHref};
 use axum::extract::Request;
 use axum::handler::HandlerWithoutStateExt;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
@@ -37,20 +37,27 @@ pub fn router(state: AppState, assets: HashedAssets) -> Router {
         Some(h) => format!("/{}/{}.{h}.css", options.site_pkg_dir, options.output_name),
         None => format!("/{}/{}.css", options.site_pkg_dir, options.output_name),
     });
+    // The kinds the page offers (and `/api/kinds` lists): the configured
+    // ones, or `simulate` when none are (any kind goes to the one backend).
+    let kinds = Kinds::offered(state.engine.kinds());
     // Every rendered page (and the 404 page): the session's tasks (read by
-    // the session middleware, which may wait on Redis), the stylesheet's
-    // name, and the CSP carrying this response's nonce.
-    let page_context = move || {
-        let tasks = use_context::<axum::http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<InitialTasks>().cloned())
-            .unwrap_or_default();
-        provide_context(tasks);
-        provide_context(stylesheet.clone());
-        if let (Some(nonce), Some(response)) =
-            (leptos::nonce::use_nonce(), use_context::<ResponseOptions>())
-        {
-            if let Some(policy) = csp.header(&nonce) {
-                response.insert_header(header::CONTENT_SECURITY_POLICY, policy);
+    // the session middleware, which may wait on Redis), the kinds, the
+    // stylesheet's name, and the CSP carrying this response's nonce.
+    let page_context = {
+        let kinds = kinds.clone();
+        move || {
+            let tasks = use_context::<axum::http::request::Parts>()
+                .and_then(|parts| parts.extensions.get::<InitialTasks>().cloned())
+                .unwrap_or_default();
+            provide_context(tasks);
+            provide_context(kinds.clone());
+            provide_context(stylesheet.clone());
+            if let (Some(nonce), Some(response)) =
+                (leptos::nonce::use_nonce(), use_context::<ResponseOptions>())
+            {
+                if let Some(policy) = csp.header(&nonce) {
+                    response.insert_header(header::CONTENT_SECURITY_POLICY, policy);
+                }
             }
         }
     };
@@ -75,6 +82,13 @@ pub fn router(state: AppState, assets: HashedAssets) -> Router {
             session::middleware,
         ))
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/api/kinds",
+            get(move || {
+                let kinds = kinds.0.clone();
+                async move { axum::Json(kinds) }
+            }),
+        )
         .fallback_service(site_files)
         .layer(axum::middleware::from_fn_with_state(
             assets,
