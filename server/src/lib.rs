@@ -340,7 +340,8 @@ fn build_backends(
     let mut sim: Option<Arc<Simulator>> = None;
     let mut slots = Vec::with_capacity(config.backends.len());
     for spec in &config.backends {
-        let timeout = Duration::from_millis(spec.timeout_ms);
+        let t = &spec.tuning;
+        let timeout = Duration::from_millis(t.timeout_ms);
         let backend = match &spec.adapter {
             AdapterSpec::Embedded => {
                 let sim = sim.get_or_insert_with(|| Arc::new(Simulator::new()));
@@ -364,10 +365,10 @@ fn build_backends(
             )?,
         };
         let policy = Arc::new(PollPolicy {
-            poll_interval_ms: spec.poll_interval_ms,
-            poll_min_ms: spec.poll_min_ms,
-            adaptive: spec.poll_mode == config::PollMode::Adaptive,
-            give_up_ms: spec.give_up_s.saturating_mul(1000),
+            poll_interval_ms: t.poll_interval_ms,
+            poll_min_ms: t.poll_min_ms,
+            adaptive: t.poll_mode == config::PollMode::Adaptive,
+            give_up_ms: t.give_up_s.saturating_mul(1000),
             retention_ms: config.retention_s.saturating_mul(1000),
         });
         let ctx = Arc::new(PollCtx {
@@ -380,8 +381,8 @@ fn build_backends(
             name: spec.name.as_str().into(),
             ctx,
             limits: Limits {
-                max_in_flight: usize::try_from(spec.max_concurrent_polls).unwrap_or(usize::MAX),
-                max_polls_per_s: spec.max_polls_per_s,
+                max_in_flight: usize::try_from(t.max_concurrent_polls).unwrap_or(usize::MAX),
+                max_polls_per_s: t.max_polls_per_s,
             },
         });
     }

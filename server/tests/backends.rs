@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::Json;
 use common::{spawn_taskwire, Client, TestApp};
 use serde_json::json;
-use server::config::file::{AdapterSpec, BackendSpec, KindSpec};
+use server::config::file::{AdapterSpec, BackendSpec, KindSpec, Tuning};
 use server::config::{Config, PollMode};
 use std::time::{Duration, Instant};
 
@@ -39,13 +39,15 @@ fn spec(name: &str, adapter: AdapterSpec, interval_ms: u64, permits: u64) -> Bac
     BackendSpec {
         name: name.into(),
         adapter,
-        poll_interval_ms: interval_ms,
-        poll_min_ms: interval_ms,
-        poll_mode: PollMode::Fixed,
-        max_concurrent_polls: permits,
-        max_polls_per_s: 0,
-        timeout_ms: 5_000,
-        give_up_s: 300,
+        tuning: Tuning {
+            poll_interval_ms: interval_ms,
+            poll_min_ms: interval_ms,
+            poll_mode: PollMode::Fixed,
+            max_concurrent_polls: permits,
+            max_polls_per_s: 0,
+            timeout_ms: 5_000,
+            give_up_s: 300,
+        },
     }
 }
 

@@ -549,7 +549,7 @@ fn process_cpu_ms() -> f64 {
 #[tokio::test]
 async fn a_celery_kind_runs_to_100_percent_through_taskwire() {
     use app::kinds::KindInfo;
-    use server::config::file::{AdapterSpec, BackendSpec, KindSpec};
+    use server::config::file::{AdapterSpec, BackendSpec, KindSpec, Tuning};
     use server::config::{Config, PollMode};
 
     let redis = RedisServer::start();
@@ -563,13 +563,15 @@ async fn a_celery_kind_runs_to_100_percent_through_taskwire() {
             queue: QUEUE.into(),
             terminate_on_cancel: false,
         },
-        poll_interval_ms: 50,
-        poll_min_ms: 50,
-        poll_mode: PollMode::Fixed,
-        max_concurrent_polls: 64,
-        max_polls_per_s: 0,
-        timeout_ms: 2_000,
-        give_up_s: 60,
+        tuning: Tuning {
+            poll_interval_ms: 50,
+            poll_min_ms: 50,
+            poll_mode: PollMode::Fixed,
+            max_concurrent_polls: 64,
+            max_polls_per_s: 0,
+            timeout_ms: 2_000,
+            give_up_s: 60,
+        },
     }];
     let params = serde_json::from_value(json!({
         "type": "object", "required": ["n"],

@@ -6,6 +6,7 @@
 //! Polls are batched: every `status()` queues its id to one batcher task,
 //! which reads all that are waiting with one `MGET`.
 
+use super::time::iso8601_ms as parse_iso8601_ms;
 use super::BackendError;
 use crate::clock::Clock;
 use crate::task_api::Status;
@@ -614,75 +615,6 @@ fn exception_text(result: &Value) -> String {
     } else {
         format!("{exc_type}: {message}")
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.f+][Z|±HH:MM]` (a space for `T` too; no zone:
-/// UTC, as Celery writes with `enable_utc`) to Unix ms.
-pub fn parse_iso8601_ms(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    let num = |from: usize, len: usize| -> Option<i64> {
-        let part = s.get(from..from + len)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
-    };
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
-    let (hour, min, sec) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    let mut at = 19;
-    let mut ms = 0;
-    if b.get(at) == Some(&b'.') {
-        at += 1;
-        let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 {
-            return None;
-        }
-        let frac = &s[at..at + digits.min(3)];
-        ms = frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32);
-        at += digits;
-    }
-    let offset_s = match &s[at..] {
-        "" | "Z" | "z" => 0,
-        zone if zone.is_ascii() => {
-            let sign = match zone.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let zone = &zone[1..];
-            let (h, m) = match zone.len() {
-                5 if zone.as_bytes()[2] == b':' => (&zone[..2], &zone[3..]),
-                4 => (&zone[..2], &zone[2..]),
-                2 => (zone, "00"),
-                _ => return None,
-            };
-            let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
-            sign * (h * 3600 + m * 60)
-        }
-        _ => return None,
-    };
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec - offset_s;
-    u64::try_from(secs * 1000 + ms).ok()
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// What was first seen of each live task: since when its current

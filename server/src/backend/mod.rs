@@ -11,6 +11,7 @@ mod client;
 pub mod declarative;
 mod embedded;
 mod http;
+pub mod time;
 
 use crate::clock::Clock;
 use crate::sim::Simulator;

@@ -115,13 +115,7 @@ impl AdapterSpec {
 pub struct BackendSpec {
     pub name: String,
     pub adapter: AdapterSpec,
-    pub poll_interval_ms: u64,
-    pub poll_min_ms: u64,
-    pub poll_mode: PollMode,
-    pub max_concurrent_polls: u64,
-    pub max_polls_per_s: u64,
-    pub timeout_ms: u64,
-    pub give_up_s: u64,
+    pub tuning: Tuning,
 }
 
 /// One kind, resolved.
@@ -135,9 +129,11 @@ pub struct KindSpec {
     pub remote: String,
 }
 
-/// The defaults a `[[backend]]` takes for the keys it leaves out: the
-/// flags' values.
-pub struct BackendDefaults {
+/// How a backend is polled: its cadence, limits, timeout and give-up. The
+/// flags' values are the defaults a `[[backend]]` takes for the keys it
+/// leaves out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tuning {
     pub poll_interval_ms: u64,
     pub poll_min_ms: u64,
     pub poll_mode: PollMode,
@@ -157,7 +153,7 @@ pub struct Loaded {
 /// Reads and checks the file at `path`; `env` looks a variable up.
 pub fn load(
     path: &Path,
-    defaults: &BackendDefaults,
+    defaults: &Tuning,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, FileError> {
     let file = path.display().to_string();
@@ -171,7 +167,7 @@ pub fn load(
 /// [`load`] of a file's text.
 pub fn parse(
     text: &str,
-    defaults: &BackendDefaults,
+    defaults: &Tuning,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, String> {
     // toml's own errors name the line, the column and the key.
@@ -233,7 +229,7 @@ pub fn parse(
 
 fn backend(
     b: &RawBackend,
-    d: &BackendDefaults,
+    d: &Tuning,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<BackendSpec, String> {
     check_name(&b.name).map_err(|e| format!("name: {e}"))?;
@@ -329,13 +325,15 @@ fn backend(
     Ok(BackendSpec {
         name: b.name.clone(),
         adapter,
-        poll_interval_ms,
-        poll_min_ms,
-        poll_mode,
-        max_concurrent_polls,
-        max_polls_per_s: b.max_polls_per_s.unwrap_or(d.max_polls_per_s),
-        timeout_ms,
-        give_up_s: b.give_up_s.unwrap_or(d.give_up_s),
+        tuning: Tuning {
+            poll_interval_ms,
+            poll_min_ms,
+            poll_mode,
+            max_concurrent_polls,
+            max_polls_per_s: b.max_polls_per_s.unwrap_or(d.max_polls_per_s),
+            timeout_ms,
+            give_up_s: b.give_up_s.unwrap_or(d.give_up_s),
+        },
     })
 }
 
@@ -412,8 +410,8 @@ fn expand_value(v: &mut toml::Value, env: &dyn Fn(&str) -> Option<String>) -> Re
 mod tests {
     use super::*;
 
-    fn defaults() -> BackendDefaults {
-        BackendDefaults {
+    fn defaults() -> Tuning {
+        Tuning {
             poll_interval_ms: 500,
             poll_min_ms: 100,
             poll_mode: PollMode::Adaptive,
@@ -476,9 +474,9 @@ params = { type = "object", properties = { n = { type = "integer", minimum = 1, 
         assert_eq!(l.server.listen.as_deref(), Some("127.0.0.1:3000"));
         assert_eq!(l.backends.len(), 3);
         let sim = &l.backends[0];
-        assert_eq!(sim.poll_interval_ms, 250);
-        assert_eq!(sim.max_concurrent_polls, 256);
-        assert_eq!(sim.timeout_ms, 5_000, "from the flags");
+        assert_eq!(sim.tuning.poll_interval_ms, 250);
+        assert_eq!(sim.tuning.max_concurrent_polls, 256);
+        assert_eq!(sim.tuning.timeout_ms, 5_000, "from the flags");
         assert_eq!(
             sim.adapter,
             AdapterSpec::Taskwire {

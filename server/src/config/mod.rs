@@ -6,7 +6,7 @@ pub mod file;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use file::{AdapterSpec, BackendDefaults, BackendSpec, KindSpec};
+use file::{AdapterSpec, BackendSpec, KindSpec, Tuning};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -309,8 +309,8 @@ impl Cli {
 }
 
 impl Config {
-    fn defaults_for_backends(&self) -> BackendDefaults {
-        BackendDefaults {
+    fn defaults_for_backends(&self) -> Tuning {
+        Tuning {
             poll_interval_ms: self.poll_interval_ms,
             poll_min_ms: self.poll_min_ms,
             poll_mode: self.poll_mode,
@@ -379,20 +379,13 @@ impl Config {
     /// `Application::build` calls it (tests change flags after parsing).
     pub fn resolve(&mut self) {
         if self.backends.is_empty() {
-            let d = self.defaults_for_backends();
             self.backends.push(BackendSpec {
                 name: "default".into(),
                 adapter: match &self.backend {
                     BackendChoice::Embedded => AdapterSpec::Embedded,
                     BackendChoice::Http(url) => AdapterSpec::Taskwire { url: url.clone() },
                 },
-                poll_interval_ms: d.poll_interval_ms,
-                poll_min_ms: d.poll_min_ms,
-                poll_mode: d.poll_mode,
-                max_concurrent_polls: d.max_concurrent_polls,
-                max_polls_per_s: d.max_polls_per_s,
-                timeout_ms: d.timeout_ms,
-                give_up_s: d.give_up_s,
+                tuning: self.defaults_for_backends(),
             });
         }
         if self.kinds.is_empty() && self.backends[0].adapter == AdapterSpec::Embedded {

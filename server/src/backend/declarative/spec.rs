@@ -203,7 +203,7 @@ impl HttpSpec {
         // Explicit progress keys replace the preset's progress keys as a whole.
         let mine_progress = f.done.is_some() || f.total.is_some() || f.percent.is_some();
         let progress_from = if mine_progress { f } else { p };
-        let fields = Fields {
+        let fields = FieldsSpec {
             state: or(&f.state, &p.state),
             done_flag: or(&f.done_flag, &p.done_flag),
             done: progress_from.done.clone(),
@@ -307,7 +307,7 @@ pub(crate) struct Resolved {
     pub start_id: String,
     pub status: Call,
     pub cancel: Option<Call>,
-    pub fields: Fields,
+    pub fields: FieldsSpec,
     pub states: HashMap<String, TaskState>,
 }
 
@@ -357,22 +357,9 @@ impl Call {
     }
 }
 
-/// The pointers, checked: `state` or `done_flag` is there; `done` (with
-/// `total`) or `percent`, not both.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Fields {
-    pub state: Option<String>,
-    pub done_flag: Option<String>,
-    pub done: Option<String>,
-    pub total: Option<String>,
-    pub percent: Option<String>,
-    pub message: Option<String>,
-    pub result: Option<String>,
-    pub error: Option<String>,
-    pub changed_at: Option<String>,
-}
-
-impl Fields {
+/// Resolved, the pointers are checked: `state` or `done_flag` is there;
+/// `done` (with `total`) or `percent`, not both.
+impl FieldsSpec {
     fn check(&self) -> Result<(), String> {
         for (name, pointer) in [
             ("state", &self.state),

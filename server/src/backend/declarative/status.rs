@@ -1,7 +1,8 @@
 //! Reading a status answer through the configured pointers: the contract
 //! state, progress, texts and when it changed. Pure: no I/O, no clock.
 
-use super::spec::Fields;
+use super::spec::FieldsSpec;
+use crate::backend::time::rfc3339_ms;
 use app::protocol::TaskState;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -26,12 +27,12 @@ fn at<'b, 'p>(body: &'b Value, pointer: &'p Option<String>) -> Option<(&'p str, 
 }
 
 /// Whether the answer carries a state at all (a cancel answer may not).
-pub(crate) fn has_state(fields: &Fields, body: &Value) -> bool {
+pub(crate) fn has_state(fields: &FieldsSpec, body: &Value) -> bool {
     at(body, &fields.state).is_some() || at(body, &fields.done_flag).is_some()
 }
 
 pub(crate) fn read(
-    fields: &Fields,
+    fields: &FieldsSpec,
     states: &HashMap<String, TaskState>,
     body: &Value,
 ) -> Result<Read, String> {
@@ -217,99 +218,14 @@ pub(crate) fn timestamp_ms(value: &Value) -> Option<u64> {
     }
 }
 
-/// `2025-01-02T03:04:05.678Z`, `…+02:00`; `t`, `z` or a space also
-/// accepted; fractions past ms are dropped. None before 1970.
-pub(crate) fn rfc3339_ms(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = b.get(range)?;
-        part.iter()
-            .all(u8::is_ascii_digit)
-            .then(|| part.iter().fold(0i64, |n, &d| n * 10 + i64::from(d - b'0')))
-    };
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut i = 19;
-    let mut ms = 0i64;
-    if b[i] == b'.' {
-        let start = i + 1;
-        i = start;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        let frac = &s[start..i.min(start + 3)];
-        ms = format!("{frac:0<3}").parse().ok()?;
-    }
-    let offset_min = match b.get(i)? {
-        b'Z' | b'z' if i + 1 == b.len() => 0,
-        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
-            let (h, m) = (digits(i + 1..i + 3)?, digits(i + 4..i + 6)?);
-            if h > 23 || m > 59 {
-                return None;
-            }
-            let minutes = h * 60 + m;
-            if *sign == b'+' {
-                minutes
-            } else {
-                -minutes
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + hour * 3_600 + minute * 60 + second.min(59) - offset_min * 60;
-    u64::try_from(secs * 1_000 + ms).ok()
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn jobs_fields() -> Fields {
+    fn jobs_fields() -> FieldsSpec {
         let s = |v: &str| Some(v.to_string());
-        Fields {
+        FieldsSpec {
             state: s("/metadata/state"),
             done: s("/metadata/done"),
             total: s("/metadata/total"),
@@ -317,7 +233,7 @@ mod tests {
             result: s("/response"),
             error: s("/error/message"),
             changed_at: s("/metadata/update_time"),
-            ..Fields::default()
+            ..FieldsSpec::default()
         }
     }
 
@@ -396,12 +312,12 @@ mod tests {
     #[test]
     fn a_done_flag_decides_finished() {
         let s = |v: &str| Some(v.to_string());
-        let f = Fields {
+        let f = FieldsSpec {
             done_flag: s("/done"),
             percent: s("/metadata/progressPercent"),
             result: s("/response"),
             error: s("/error"),
-            ..Fields::default()
+            ..FieldsSpec::default()
         };
         let none = HashMap::new();
         let r = read(&f, &none, &json!({"name": "operations/1"})).unwrap();
@@ -440,7 +356,7 @@ mod tests {
         );
 
         // A mapped state refines it: a final one wins, a live one holds while not done.
-        let f = Fields {
+        let f = FieldsSpec {
             state: s("/metadata/state"),
             ..f
         };
@@ -469,9 +385,9 @@ mod tests {
 
     #[test]
     fn without_a_states_map_values_are_contract_states() {
-        let f = Fields {
+        let f = FieldsSpec {
             state: Some("/state".into()),
-            ..Fields::default()
+            ..FieldsSpec::default()
         };
         let r = read(&f, &HashMap::new(), &json!({"state": "cancelled"})).unwrap();
         assert_eq!(r.state, TaskState::Cancelled);
