@@ -12,6 +12,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_REF_CHARS: usize = 64;
 /// Longest task id or kind a client may send, in bytes. Ours are far shorter.
 pub const MAX_ID_BYTES: usize = 128;
+/// Longest watch token a `refresh` may carry.
+pub const MAX_TOKEN_BYTES: usize = 2048;
 
 /// The lifecycle of a task. `succeeded`, `failed` and `cancelled` are final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -100,6 +102,11 @@ pub enum ErrorCode {
     TooManyTasks,
     BackendUnavailable,
     Internal,
+    /// Since 1.1: a watch token that is missing, invalid or expired.
+    Unauthorized,
+    /// Since 1.1: what the watch token does not allow (`start`; `cancel`
+    /// without the permission).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -113,6 +120,8 @@ impl ErrorCode {
             ErrorCode::TooManyTasks => "too_many_tasks",
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -123,7 +132,8 @@ impl ErrorCode {
 pub enum ServerMsg {
     Welcome {
         protocol: u32,
-        session: String,
+        /// The cookie session's token; `null` on a watch token's connection.
+        session: Option<String>,
         tasks: Vec<Task>,
     },
     Task {
@@ -177,6 +187,11 @@ pub enum ClientMsg {
     /// list now rather than after the retention. No reply; a live task stays.
     Forget {
         task: String,
+    },
+    /// Since 1.1: a watch token's connection replaces its token before it
+    /// expires (no reply when valid and of the same scope).
+    Refresh {
+        token: String,
     },
 }
 
@@ -263,6 +278,13 @@ impl ClientMsg {
             | ClientMsg::Unsubscribe { task }
             | ClientMsg::Cancel { task, .. }
             | ClientMsg::Forget { task } => id("task", task),
+            ClientMsg::Refresh { token } => {
+                if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+                    Err(format!("`token` must be 1 to {MAX_TOKEN_BYTES} bytes"))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -295,7 +317,7 @@ impl ServerMsg {
         Some(match e.kind.as_str() {
             "welcome" => ServerMsg::Welcome {
                 protocol: e.protocol?,
-                session: e.session?,
+                session: e.session,
                 tasks: e.tasks?,
             },
             "task" => ServerMsg::Task { task: e.task? },
@@ -375,6 +397,8 @@ mod tests {
             (ErrorCode::TooManyTasks, "too_many_tasks"),
             (ErrorCode::BackendUnavailable, "backend_unavailable"),
             (ErrorCode::Internal, "internal"),
+            (ErrorCode::Unauthorized, "unauthorized"),
+            (ErrorCode::Forbidden, "forbidden"),
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(text));
             assert_eq!(code.as_str(), text);

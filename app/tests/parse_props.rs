@@ -72,6 +72,13 @@ fn expected(v: &Value) -> Result<ClientMsg, Option<String>> {
         }),
         // Extension (docs/protocol.md): drop a finished task, no reply.
         Some("forget") => id("task").map(|task| ClientMsg::Forget { task }),
+        // Since 1.1: a watch token's connection replaces its token.
+        Some("refresh") => match o.get("token") {
+            Some(Value::String(t)) if (1..=2048).contains(&t.len()) => {
+                Some(ClientMsg::Refresh { token: t.clone() })
+            }
+            _ => None,
+        },
         // Missing or non-string `type`, or a type no one knows.
         _ => None,
     };
@@ -170,8 +177,15 @@ fn check_rejection(text: &str, r: &Rejection, want_ref: Option<&str>) -> Result<
 // Strategies.
 // ---------------------------------------------------------------------------
 
-const TYPES: [&str; 5] = ["start", "subscribe", "unsubscribe", "cancel", "forget"];
-const KEYS: [&str; 5] = ["type", "ref", "task", "kind", "params"];
+const TYPES: [&str; 6] = [
+    "start",
+    "subscribe",
+    "unsubscribe",
+    "cancel",
+    "forget",
+    "refresh",
+];
+const KEYS: [&str; 6] = ["type", "ref", "task", "kind", "params", "token"];
 
 /// Strings a client might send: protocol words, short ASCII, any Unicode,
 /// and multi-byte text (so char and byte limits differ).
@@ -278,7 +292,7 @@ fn params_field() -> impl Strategy<Value = Field> {
     ]
 }
 
-/// One object, as text: the five protocol fields (each maybe missing), a few
+/// One object, as text: the six protocol fields (each maybe missing), a few
 /// unknown ones, in any order, sometimes with a key twice.
 fn message_text() -> impl Strategy<Value = String> {
     (
@@ -287,10 +301,11 @@ fn message_text() -> impl Strategy<Value = String> {
         id_field(),
         id_field(),
         params_field(),
+        id_field(),
         vec((json_key(), json_value()), 0..3),
-        vec(any::<u16>(), 8), // the order of the fields
+        vec(any::<u16>(), 9), // the order of the fields
     )
-        .prop_map(|(ty, reference, task, kind, params, extra, order)| {
+        .prop_map(|(ty, reference, task, kind, params, token, extra, order)| {
             let mut fields: Vec<(String, Value)> = extra;
             for (k, v) in [
                 ("type", ty),
@@ -298,6 +313,7 @@ fn message_text() -> impl Strategy<Value = String> {
                 ("task", task),
                 ("kind", kind),
                 ("params", params),
+                ("token", token),
             ] {
                 if let Some(v) = v {
                     fields.push((k.to_string(), v));
@@ -496,6 +512,7 @@ fn the_generators_reach_every_outcome() {
                 }) => "cancel with ref",
                 Ok(ClientMsg::Cancel { .. }) => "cancel",
                 Ok(ClientMsg::Forget { .. }) => "forget",
+                Ok(ClientMsg::Refresh { .. }) => "refresh",
                 Err(Rejection {
                     reference: Some(_), ..
                 }) => "refused with ref",
@@ -513,6 +530,7 @@ fn the_generators_reach_every_outcome() {
         "cancel with ref",
         "cancel",
         "forget",
+        "refresh",
         "refused with ref",
         "refused, ref null",
     ] {

@@ -545,7 +545,9 @@ async fn client(plan: ClientPlan) -> ClientResult {
                 match ws.next().await {
                     Some(Ok(Message::Text(t))) => {
                         return match serde_json::from_str::<ServerMsg>(t.as_str()) {
-                            Ok(ServerMsg::Welcome { session, .. }) => Ok((ws, session)),
+                            Ok(ServerMsg::Welcome { session, .. }) => {
+                                Ok((ws, session.unwrap_or_default()))
+                            }
                             other => Err(format!("first frame not welcome: {other:?}")),
                         };
                     }
@@ -661,7 +663,7 @@ async fn client(plan: ClientPlan) -> ClientResult {
                             session: s, tasks, ..
                         }) = serde_json::from_str::<ServerMsg>(t.as_str())
                         {
-                            break Some((ws, s, tasks));
+                            break Some((ws, s.unwrap_or_default(), tasks));
                         }
                     }
                 };

@@ -11,7 +11,7 @@
 use futures::StreamExt;
 use server::backend::Backend;
 use server::clock::Clock;
-use server::engine::fanout::{Fanout, Next};
+use server::engine::fanout::{Fanout, Next, View};
 use server::engine::memory::MemoryEngine;
 use server::engine::pipeline::{Limits, PollCtx, PollStats};
 use server::engine::{Engine, Imp};
@@ -126,7 +126,7 @@ async fn poll_engine(tasks: u64) {
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(queue.run(stop_rx));
     let (session, _) = engine.resolve_session(None).await.unwrap();
-    let conn = Arc::new(engine.connect(session).await.unwrap());
+    let conn = Arc::new(engine.connect(session, View::Session).await.unwrap());
     let reader = conn.clone();
     let frames = tokio::spawn(async move {
         let mut n = 0u64;

@@ -3,6 +3,7 @@
 //! task-service adapters and the simulator, wired together by
 //! [`Application`]. The engine is chosen here, once.
 
+pub mod auth;
 pub mod backend;
 pub mod clock;
 pub mod config;
@@ -54,8 +55,10 @@ pub struct AppState {
     pub stats: Arc<[Arc<PollStats>]>,
     /// The embedded simulator, when that is the backend.
     pub sim: Option<Arc<Simulator>>,
-    /// One permit per open WebSocket (`--max-connections`).
+    /// One permit per open WebSocket or event stream (`--max-connections`).
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// The server API's keys and the watch tokens' signer.
+    pub auth: Arc<auth::Auth>,
 }
 
 impl FromRef<AppState> for LeptosOptions {
@@ -227,7 +230,9 @@ impl Application {
             .iter()
             .map(|s| s.ctx.stats.clone())
             .collect();
+        let auth = Arc::new(build_auth(&config)?);
         let state = AppState {
+            auth,
             leptos_options,
             config: Arc::new(config),
             engine,
@@ -462,4 +467,39 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// The server API's keys and the token signer: `[tokens] secrets`, else
+/// `--token-secret`, else a random secret (tokens then die with the process,
+/// and several processes would not take each other's).
+fn build_auth(config: &Config) -> Result<auth::Auth, StartupError> {
+    let secrets: Vec<Vec<u8>> = if !config.token_secrets.is_empty() {
+        config
+            .token_secrets
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect()
+    } else {
+        config
+            .token_secret
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect()
+    };
+    let signer = if secrets.is_empty() {
+        if !config.api_keys.is_empty() || config.redis.is_some() {
+            tracing::warn!(
+                "no [tokens] secrets and no TASKWIRE_TOKEN_SECRET: watch tokens are signed \
+                 with a random secret and stop working at the next restart"
+            );
+        }
+        auth::Signer::ephemeral()
+    } else {
+        auth::Signer::new(secrets)
+            .map_err(|e| StartupError::Config(format!("watch tokens: {e}")))?
+    };
+    Ok(auth::Auth {
+        keys: auth::ApiKeys::new(config.api_keys.clone()),
+        signer,
+    })
 }

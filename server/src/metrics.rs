@@ -33,6 +33,10 @@ pub const REDIS_RESYNCS: &str = "taskwire_redis_resyncs_total";
 pub const REDIS_ERRORS: &str = "taskwire_redis_errors_total";
 /// Redis engine: saves retried because another writer changed the task first.
 pub const REDIS_CAS_CONFLICTS: &str = "taskwire_redis_cas_conflicts_total";
+/// Server API: requests by API key name and outcome.
+pub const API_REQUESTS: &str = "taskwire_api_requests_total";
+/// Open `/sse` streams.
+pub const SSE_CONNECTIONS: &str = "taskwire_sse_connections";
 
 /// Seconds; from a fast loopback poll to a timed-out one.
 const BUCKETS: &[f64] = &[
@@ -57,6 +61,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(POLLS, "Status polls sent to the task service");
+    describe_counter!(
+        API_REQUESTS,
+        "Server API requests by API key name and outcome"
+    );
+    describe_gauge!(SSE_CONNECTIONS, "Open Server-Sent Events streams");
     describe_histogram!(POLL_SECONDS, Unit::Seconds, "Latency of one status poll");
     describe_histogram!(
         POLL_LATENESS_SECONDS,
@@ -159,6 +168,11 @@ impl MicrosHistogram {
         }
         Duration::from_micros(Self::upper(Self::LEN - 1))
     }
+}
+
+/// Counts one server API request of key `key` (its name, never the key).
+pub fn api_request(key: &str, outcome: &'static str) {
+    metrics::counter!(API_REQUESTS, "key" => key.to_string(), "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use app::protocol::{ServerMsg, TaskState};
 use server::backend::Backend;
 use server::clock::Clock;
-use server::engine::fanout::{Conn, Fanout, Next};
+use server::engine::fanout::{Conn, Fanout, Next, View};
 use server::engine::memory::MemoryEngine;
 use server::engine::pipeline::{Limits, PollCtx, PollStats};
 use server::engine::{Engine, Imp};
@@ -88,7 +88,7 @@ impl Rig {
     /// A connection of a new session.
     async fn conn(&self) -> Conn {
         let (session, _) = self.engine.resolve_session(None).await.unwrap();
-        self.engine.connect(session).await.unwrap()
+        self.engine.connect(session, View::Session).await.unwrap()
     }
 
     /// Records a task as started on the task service under `bid`.
@@ -270,7 +270,7 @@ async fn an_unreachable_service_backs_off_then_gives_up() {
     let (engine, memory, fanout, _stop) =
         engine(backend.clone(), policy(500, 10_000, 600_000), clock);
     let (session, _) = engine.resolve_session(None).await.unwrap();
-    let conn = engine.connect(session).await.unwrap();
+    let conn = engine.connect(session, View::Session).await.unwrap();
     let task = new_task("simulate", None, clock.now_ms());
     memory.create(&conn.session, &task, "x").await.unwrap();
     fanout.accepted(&conn, "r".into(), &task);

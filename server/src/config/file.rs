@@ -28,6 +28,36 @@ pub struct FileConfig {
     pub backends: Vec<toml::Spanned<RawBackend>>,
     #[serde(default, rename = "kind")]
     pub kinds: Vec<toml::Spanned<RawKind>>,
+    #[serde(default, rename = "api_key")]
+    pub api_keys: Vec<toml::Spanned<RawApiKey>>,
+    pub tokens: Option<toml::Spanned<RawTokens>>,
+}
+
+/// One `[[api_key]]`: a key of the server API (docs/embedding.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    pub name: String,
+    /// Hex SHA-256 of the key (the key itself is never stored).
+    pub sha256: String,
+    pub requests_per_s: Option<u64>,
+    pub burst: Option<u64>,
+}
+
+/// `[tokens]`: the watch tokens' secrets and default lifetime.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    pub default_ttl_s: Option<u64>,
+}
+
+/// `[tokens]`, resolved (`${VAR}` expanded).
+#[derive(Debug)]
+pub struct TokensSpec {
+    pub secrets: Vec<String>,
+    pub default_ttl_s: Option<u64>,
 }
 
 /// `[server]`: the keys of the flags of the same name (`--listen` is
@@ -148,6 +178,8 @@ pub struct Loaded {
     pub server: ServerKeys,
     pub backends: Vec<BackendSpec>,
     pub kinds: Vec<KindSpec>,
+    pub api_keys: Vec<crate::auth::ApiKey>,
+    pub tokens: Option<TokensSpec>,
 }
 
 /// Reads and checks the file at `path`; `env` looks a variable up.
@@ -220,10 +252,62 @@ pub fn parse(
             remote,
         });
     }
+    let mut api_keys: Vec<crate::auth::ApiKey> = Vec::new();
+    for (i, k) in raw.api_keys.iter().enumerate() {
+        let at = format!("[[api_key]] #{} (line {})", i + 1, line_of(k.span()));
+        let k = k.get_ref();
+        check_name(&k.name).map_err(|e| format!("{at}: name: {e}"))?;
+        if api_keys.iter().any(|o| *o.name == *k.name) {
+            return Err(format!("{at}: name `{}` is used twice", k.name));
+        }
+        let sha256 = expand(&k.sha256, env)
+            .and_then(|hex| crate::auth::parse_sha256_hex(&hex))
+            .map_err(|e| format!("{at}: sha256: {e}"))?;
+        let requests_per_s = k
+            .requests_per_s
+            .unwrap_or(crate::auth::DEFAULT_KEY_REQUESTS_PER_S);
+        if requests_per_s == 0 {
+            return Err(format!("{at}: requests_per_s: must be at least 1"));
+        }
+        api_keys.push(crate::auth::ApiKey {
+            name: k.name.as_str().into(),
+            sha256,
+            requests_per_s,
+            burst: k.burst.unwrap_or(crate::auth::DEFAULT_KEY_BURST),
+        });
+    }
+    let tokens = match &raw.tokens {
+        None => None,
+        Some(t) => {
+            let at = format!("[tokens] (line {})", line_of(t.span()));
+            let t = t.get_ref();
+            let mut secrets = Vec::new();
+            for (i, secret) in t.secrets.iter().enumerate() {
+                let secret = expand(secret, env).map_err(|e| format!("{at}: secrets: {e}"))?;
+                if secret.len() < crate::auth::token::MIN_SECRET_BYTES {
+                    return Err(format!(
+                        "{at}: secrets: #{} is shorter than {} bytes",
+                        i + 1,
+                        crate::auth::token::MIN_SECRET_BYTES
+                    ));
+                }
+                secrets.push(secret);
+            }
+            if t.default_ttl_s == Some(0) {
+                return Err(format!("{at}: default_ttl_s: must be at least 1"));
+            }
+            Some(TokensSpec {
+                secrets,
+                default_ttl_s: t.default_ttl_s,
+            })
+        }
+    };
     Ok(Loaded {
         server: raw.server,
         backends,
         kinds,
+        api_keys,
+        tokens,
     })
 }
 

@@ -127,6 +127,25 @@ pub struct Config {
     #[arg(skip)]
     pub kinds: Vec<KindSpec>,
 
+    /// The server API's keys (`[[api_key]]` in the file).
+    #[arg(skip)]
+    pub api_keys: Vec<crate::auth::ApiKey>,
+
+    /// The watch tokens' secrets (`[tokens] secrets`): the first signs, all
+    /// verify. Without them, `--token-secret`; without that, a random one
+    /// (tokens then die with the process).
+    #[arg(skip)]
+    pub token_secrets: Vec<String>,
+
+    /// The secret that signs watch tokens when the file has no `[tokens]`
+    /// (at least 16 bytes; prefer the variable to the flag).
+    #[arg(long, env = "TASKWIRE_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+
+    /// A watch token's lifetime when the caller asks none (`[tokens] default_ttl_s`).
+    #[arg(skip = crate::auth::DEFAULT_TOKEN_TTL_S)]
+    pub token_ttl_s: u64,
+
     /// Address the web server listens on.
     #[arg(long, env = "TASKWIRE_LISTEN", default_value = "127.0.0.1:3000")]
     pub listen: SocketAddr,
@@ -371,6 +390,13 @@ impl Config {
         }
         self.backends = loaded.backends;
         self.kinds = loaded.kinds;
+        self.api_keys = loaded.api_keys;
+        if let Some(tokens) = loaded.tokens {
+            self.token_secrets = tokens.secrets;
+            if let Some(ttl) = tokens.default_ttl_s {
+                self.token_ttl_s = ttl;
+            }
+        }
         Ok(())
     }
 

@@ -30,7 +30,7 @@ use crate::task::{new_task, LOST_TASK};
 use admission::{Refusal, StartLimits};
 use app::protocol::{ErrorCode, Task};
 use backends::Backends;
-use fanout::{CloseReason, Conn, Fanout, NotFound};
+use fanout::{CloseReason, Conn, Fanout, NotFound, View};
 use memory::MemoryEngine;
 use redis::store::StoreError;
 use redis::RedisEngine;
@@ -208,17 +208,18 @@ impl Engine {
     }
 
     /// Registers a connection, queues its `welcome` and subscribes it to
-    /// every task of its session. The session is held in the fanout while
-    /// its tasks are read, so changes that arrive meanwhile are kept, and
-    /// whichever of the two is newer wins.
-    pub async fn connect(&self, session: Arc<str>) -> Result<Conn, StoreError> {
+    /// every task of its session that `view` sees (and to the session's
+    /// future tasks, unless it watches one task). The session is held in
+    /// the fanout while its tasks are read, so changes that arrive meanwhile
+    /// are kept, and whichever of the two is newer wins.
+    pub async fn connect(&self, session: Arc<str>, view: View) -> Result<Conn, StoreError> {
         self.fanout.hold(&session);
         let loaded = self.load_session(&session).await;
         let result = loaded.map(|tasks| {
             for task in &tasks {
                 self.fanout.apply(&session, task);
             }
-            self.fanout.connect(session.clone())
+            self.fanout.connect(session.clone(), view)
         });
         self.fanout.unhold(&session);
         result
@@ -232,38 +233,49 @@ impl Engine {
         }
     }
 
-    /// Admits one `start` of `conn`'s session (per-session limits, across
-    /// every web process with Redis), or says why not.
+    /// Whether a task may have `url` as its webhook.
+    pub fn check_webhook(&self, _url: &str) -> Result<(), String> {
+        Err("this server has no [webhooks] allow-list".into())
+    }
+
+    /// An owner's session (tasks started over the server API): made here
+    /// when new, so the per-session limits count its starts from the first
+    /// one; forgotten one retention after its last task, like any session.
+    pub async fn open_owner(&self, session: &Arc<str>) {
+        if let Imp::Memory(m) = &self.imp {
+            m.open_session(session).await;
+        }
+    }
+
+    /// Admits one `start` of `session` (per-session limits, across every
+    /// web process with Redis), or says why not.
     pub async fn admit_start(
         &self,
-        conn: &Conn,
+        session: &str,
         limits: StartLimits,
     ) -> Result<StartTicket, Refused> {
         let now = self.clock.now_ms();
         match &self.imp {
             Imp::Memory(m) => {
-                m.admit(&conn.session, limits, now)?;
+                m.admit(session, limits, now)?;
                 Ok(StartTicket(None))
             }
-            Imp::Redis(r) => Ok(StartTicket(Some(
-                r.admit(&conn.session, limits, now).await??,
-            ))),
+            Imp::Redis(r) => Ok(StartTicket(Some(r.admit(session, limits, now).await??))),
         }
     }
 
     /// An admitted start that will not go ahead.
-    pub async fn release(&self, conn: &Conn, ticket: StartTicket) {
+    pub async fn release(&self, session: &str, ticket: StartTicket) {
         match (&self.imp, ticket.0) {
-            (Imp::Redis(r), Some(nonce)) => r.start_done(&conn.session, nonce).await,
-            (Imp::Memory(m), _) => m.start_done(&conn.session),
+            (Imp::Redis(r), Some(nonce)) => r.start_done(session, nonce).await,
+            (Imp::Memory(m), _) => m.start_done(session),
             (Imp::Redis(_), None) => {}
         }
     }
 
     /// Starts a task on the task service and records it: `accepted` goes to
-    /// `conn`, which is subscribed, and its first poll is due at once. A
-    /// task the store cannot record is cancelled again (nobody would ever
-    /// see it).
+    /// `conn`, which is subscribed, as is every other connection of the
+    /// session; its first poll is due at once.
     pub async fn start(
         &self,
         conn: &Conn,
@@ -272,18 +284,43 @@ impl Engine {
         kind: &str,
         params: serde_json::Value,
     ) -> Result<(), Refused> {
-        let result = self.start_admitted(conn, reference, kind, params).await;
-        self.release(conn, ticket).await;
-        result
+        let result = self.start_task(&conn.session, kind, params).await;
+        self.release(&conn.session, ticket).await;
+        self.fanout.accepted(conn, reference, &result?);
+        Ok(())
     }
 
-    async fn start_admitted(
+    /// [`Engine::start`] on behalf of `session` without a connection (the
+    /// server API): the task as accepted; the session's connections (owner
+    /// tokens) are subscribed to it.
+    pub async fn start_for(
         &self,
-        conn: &Conn,
-        reference: String,
+        session: &Arc<str>,
+        ticket: StartTicket,
         kind: &str,
         params: serde_json::Value,
-    ) -> Result<(), Refused> {
+        webhook: Option<&str>,
+    ) -> Result<Task, Refused> {
+        if let Some(url) = webhook {
+            self.check_webhook(url)
+                .map_err(|e| Refused::new(ErrorCode::InvalidParams, format!("webhook: {e}")))?;
+        }
+        let result = self.start_task(session, kind, params).await;
+        self.release(session, ticket).await;
+        let task = result?;
+        self.fanout.apply(session, &task);
+        Ok(task)
+    }
+
+    /// Asks the kind's backend to start a task and records it for
+    /// `session`. A task the store cannot record is cancelled again (nobody
+    /// would ever see it).
+    async fn start_task(
+        &self,
+        session: &Arc<str>,
+        kind: &str,
+        params: serde_json::Value,
+    ) -> Result<Task, Refused> {
         let target = self.backends.target(kind)?;
         if let Some(schema) = target.schema {
             schema.check(&params).map_err(|e| {
@@ -305,11 +342,11 @@ impl Engine {
         let backend_id = route(&slot.name, &remote_id);
         let created = match &self.imp {
             Imp::Memory(m) => m
-                .create(&conn.session, &task, &backend_id)
+                .create(session, &task, &backend_id)
                 .await
                 .map_err(|e| e.to_string()),
             Imp::Redis(r) => r
-                .create(&conn.session, &task, &backend_id)
+                .create(session, &task, &backend_id)
                 .await
                 .map_err(|e| e.to_string()),
         };
@@ -318,16 +355,15 @@ impl Engine {
             let _ = slot.ctx.backend.cancel(&backend_id).await;
             return Err(Refused::new(ErrorCode::BackendUnavailable, e));
         }
-        self.fanout.accepted(conn, reference, &task);
-        Ok(())
+        Ok(task)
     }
 
-    /// A task of `conn`'s session from the engine's truth, put into the
-    /// fanout (it may have been started on another process a moment ago).
-    async fn lookup(&self, conn: &Conn, task_id: &str) -> Option<(Task, Arc<str>)> {
+    /// A task of `session` from the engine's truth, put into the fanout (it
+    /// may have been started on another process a moment ago).
+    async fn lookup(&self, session: &str, task_id: &str) -> Option<(Task, Arc<str>)> {
         let found = match &self.imp {
-            Imp::Memory(m) => m.lookup(&conn.session, task_id),
-            Imp::Redis(r) => match r.lookup(&conn.session, task_id).await {
+            Imp::Memory(m) => m.lookup(session, task_id),
+            Imp::Redis(r) => match r.lookup(session, task_id).await {
                 Ok(found) => found.map(|(t, b)| (t, b.into())),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not read a task from Redis");
@@ -336,15 +372,43 @@ impl Engine {
             },
         };
         if let Some((task, _)) = &found {
-            self.fanout.apply(&conn.session, task);
+            self.fanout.apply(session, task);
         }
         found
     }
 
-    /// Subscribes `conn` to a task of its session and queues its state.
+    /// A task of `session` (the server API's `GET`).
+    pub async fn task_of(&self, session: &str, task_id: &str) -> Option<Task> {
+        self.lookup(session, task_id).await.map(|(task, _)| task)
+    }
+
+    /// The session a task belongs to, if it exists (the server API checks
+    /// it is one of the caller's owners).
+    pub async fn session_of(&self, task_id: &str) -> Result<Option<Arc<str>>, StoreError> {
+        Ok(match &self.imp {
+            Imp::Memory(m) => m.table.session_of(task_id),
+            Imp::Redis(r) => r
+                .store
+                .load(task_id)
+                .await?
+                .map(|stored| stored.session.into()),
+        })
+    }
+
+    /// Every task of `session` still known, newest first (the server API's list).
+    pub async fn tasks_of(&self, session: &str) -> Result<Vec<Task>, StoreError> {
+        let mut tasks = self.load_session(session).await?;
+        tasks.reverse();
+        Ok(tasks)
+    }
+
+    /// Subscribes `conn` to a task it may see and queues its state.
     pub async fn subscribe(&self, conn: &Conn, task_id: &str) -> Result<(), NotFound> {
+        if !conn.view.sees(task_id) {
+            return Err(NotFound);
+        }
         match self.fanout.subscribe(conn, task_id) {
-            Err(NotFound) if self.lookup(conn, task_id).await.is_some() => {
+            Err(NotFound) if self.lookup(&conn.session, task_id).await.is_some() => {
                 self.fanout.subscribe(conn, task_id)
             }
             other => other,
@@ -362,7 +426,10 @@ impl Engine {
         conn: &Conn,
         task_id: &str,
     ) -> Result<CancelTarget, NotFound> {
-        let (task, backend_id) = self.lookup(conn, task_id).await.ok_or(NotFound)?;
+        if !conn.view.sees(task_id) {
+            return Err(NotFound);
+        }
+        let (task, backend_id) = self.lookup(&conn.session, task_id).await.ok_or(NotFound)?;
         if task.state.is_final() {
             self.fanout.send_state_to(conn, task_id, false);
             Ok(CancelTarget::AlreadyFinal)
@@ -377,6 +444,31 @@ impl Engine {
     pub async fn cancel(
         &self,
         conn: &Conn,
+        task_id: &str,
+        backend_id: &str,
+    ) -> Result<(), Refused> {
+        self.cancel_backend(&conn.session, task_id, backend_id)
+            .await?;
+        self.fanout.send_state_to(conn, task_id, true);
+        Ok(())
+    }
+
+    /// Cancels a task of `session` without a connection (the server API):
+    /// its state after the task service answered; a finished task as it is.
+    pub async fn cancel_for(&self, session: &str, task_id: &str) -> Result<Task, Refused> {
+        let not_found = || Refused::new(ErrorCode::NotFound, format!("no task `{task_id}`"));
+        let (task, backend_id) = self.lookup(session, task_id).await.ok_or_else(not_found)?;
+        if task.state.is_final() {
+            return Ok(task);
+        }
+        self.cancel_backend(session, task_id, &backend_id).await?;
+        Ok(self.task_of(session, task_id).await.unwrap_or(task))
+    }
+
+    /// Asks the task service to cancel and commits its answer.
+    async fn cancel_backend(
+        &self,
+        session: &str,
         task_id: &str,
         backend_id: &str,
     ) -> Result<(), Refused> {
@@ -399,9 +491,8 @@ impl Engine {
             }
         };
         if let Some(task) = committed.and_then(|c| c.changed) {
-            self.fanout.apply(&conn.session, &task);
+            self.fanout.apply(session, &task);
         }
-        self.fanout.send_state_to(conn, task_id, true);
         Ok(())
     }
 

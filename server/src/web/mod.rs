@@ -4,8 +4,10 @@
 //! operators' listener ([`admin_router`]). Everything here asks
 //! [`crate::engine::Engine`].
 
+pub mod api;
 pub mod headers;
 pub mod session;
+pub mod sse;
 pub mod ws;
 
 use crate::{metrics, AppState};
@@ -74,6 +76,7 @@ pub fn router(state: AppState, assets: HashedAssets) -> Router {
         .not_found_service((move |req: Request| render(req)).into_service());
     let page = Router::new()
         .route("/ws", get(ws::handler))
+        .route("/sse", get(sse::handler))
         .leptos_routes_with_context(&state, routes, page_context.clone(), move || {
             shell(options.clone())
         })
@@ -82,6 +85,8 @@ pub fn router(state: AppState, assets: HashedAssets) -> Router {
             session::middleware,
         ))
         .route("/healthz", get(|| async { "ok" }))
+        // The server API authenticates by key: no cookie session.
+        .merge(api::router())
         .route(
             "/api/kinds",
             get(move || {

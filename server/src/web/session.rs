@@ -31,6 +31,14 @@ pub fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // A watch token's `/ws` or `/sse` has no cookie session (and makes none).
+    if req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p.starts_with("token=")))
+    {
+        return next.run(req).await;
+    }
     let (token, is_new) = match state
         .engine
         .resolve_session(cookie_token(req.headers()))
@@ -49,7 +57,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     };
     // The page is rendered with the session's tasks (the WebSocket gets
     // them in `welcome` instead).
-    if req.uri().path() != "/ws" {
+    if !matches!(req.uri().path(), "/ws" | "/sse") {
         let tasks = state.engine.session_tasks(&token).await;
         req.extensions_mut().insert(InitialTasks(tasks));
     }

@@ -6,17 +6,18 @@
 //! reader.
 
 use super::session::Session;
+use crate::auth::Claims;
 use crate::config::ClientLimits;
 use crate::engine::admission::StartLimits;
 use crate::engine::fanout::outbox::REPLY_HIGH_WATER;
-use crate::engine::fanout::{CloseReason, Conn, Next};
+use crate::engine::fanout::{CloseReason, Conn, Next, View};
 use crate::engine::{CancelTarget, Engine, Refused};
 use crate::metrics as m;
 use crate::rate::TokenBucket;
 use crate::AppState;
 use app::protocol::{ClientMsg, ErrorCode, Rejection, ServerMsg};
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -35,15 +36,60 @@ const SOCKET_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a close frame may take to go out before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// `?token=`: a watch token instead of the session cookie (contract section 3).
+#[derive(serde::Deserialize)]
+pub struct TokenQuery {
+    pub token: Option<String>,
+}
+
+/// Who a `/ws` or `/sse` request is: a cookie session, or a watch token's
+/// scope (checked before the upgrade: a bad token is HTTP 401).
+pub struct Watcher {
+    pub session: Arc<str>,
+    pub view: View,
+    /// The token, for its `cancel` permission and expiry.
+    pub claims: Option<Claims>,
+}
+
+impl Watcher {
+    pub fn identify(
+        state: &AppState,
+        query: &TokenQuery,
+        session: Option<Session>,
+    ) -> Result<Watcher, (StatusCode, String)> {
+        match (&query.token, session) {
+            (Some(token), _) => match state.auth.signer.verify(token, state.engine.now_ms()) {
+                Ok(claims) => Ok(Watcher {
+                    session: claims.session(),
+                    view: claims.view(),
+                    claims: Some(claims),
+                }),
+                Err(e) => Err((StatusCode::UNAUTHORIZED, e.to_string())),
+            },
+            (None, Some(session)) => Ok(Watcher {
+                session: session.token,
+                view: View::Session,
+                claims: None,
+            }),
+            (None, None) => Err((StatusCode::UNAUTHORIZED, "no session".into())),
+        }
+    }
+}
+
 pub async fn handler(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
-    Extension(session): Extension<Session>,
+    session: Option<Extension<Session>>,
+    Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
     if !origin_allowed(&headers, &state.config.allowed_origins) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
+    let watcher = match Watcher::identify(&state, &query, session.map(|Extension(s)| s)) {
+        Ok(watcher) => watcher,
+        Err(refused) => return refused.into_response(),
+    };
     // Refused before the upgrade: a full server answers plain HTTP.
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
@@ -56,12 +102,12 @@ pub async fn handler(
         .max_frame_size(max)
         .read_buffer_size(SOCKET_BUFFER_BYTES)
         .write_buffer_size(SOCKET_BUFFER_BYTES)
-        .on_upgrade(move |socket| run(socket, state, session.token, permit))
+        .on_upgrade(move |socket| run(socket, state, watcher, permit))
 }
 
 /// The contract's rule: no `Origin` is fine (not a browser); `null` never is;
 /// otherwise its host:port must equal `Host`, or be on the allow-list.
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
@@ -84,10 +130,11 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
 async fn run(
     mut socket: WebSocket,
     state: AppState,
-    session: Arc<str>,
+    watcher: Watcher,
     _permit: OwnedSemaphorePermit,
 ) {
-    let conn = match state.engine.connect(session).await {
+    let mut claims = watcher.claims;
+    let conn = match state.engine.connect(watcher.session, watcher.view).await {
         Ok(conn) => Arc::new(conn),
         Err(e) => {
             tracing::warn!(error = %e, "refusing a connection: the store is unreachable");
@@ -115,6 +162,11 @@ async fn run(
     let started = Instant::now();
     let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     loop {
+        // A watch token ends the connection when it expires unrefreshed.
+        let expires_in = claims
+            .as_ref()
+            .map(|c| Duration::from_millis(c.expires_ms.saturating_sub(state.engine.now_ms())));
+        let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
         // Backpressure: while the client leaves its replies unread, read no
         // more of its frames (TCP slows it down); the writer's slow-client
         // timeout still closes one that reads nothing at all.
@@ -126,6 +178,12 @@ async fn run(
         }
         tokio::select! {
             _ = &mut writer => break,
+            _ = expiry, if expires_in.is_some() => {
+                reply(&conn, ServerMsg::error(None, ErrorCode::Unauthorized, "the watch token has expired"));
+                conn.outbox.close(CloseReason::Expired);
+                let _ = timeout(CLOSE_TIMEOUT, &mut writer).await;
+                break;
+            }
             frame = stream.next() => {
                 let Some(frame) = frame else { break };
                 conn.last_seen_ms.store(state.engine.now_ms(), Ordering::Relaxed);
@@ -161,7 +219,7 @@ async fn run(
                     ));
                     continue;
                 }
-                handle_text(&state, &conn, &requests, text.as_str()).await;
+                handle_text(&state, &conn, &mut claims, &requests, text.as_str()).await;
             }
         }
     }
@@ -209,6 +267,7 @@ async fn write_loop(mut sink: Sink, conn: Arc<Conn>, engine: Engine, limits: Cli
                     CloseReason::Restart => (close_code::RESTART, "server restarting"),
                     CloseReason::NotReading => (close_code::POLICY, "not reading"),
                     CloseReason::TooBig => (close_code::SIZE, "message too big"),
+                    CloseReason::Expired => (close_code::POLICY, "watch token expired"),
                 };
                 return close(&mut sink, code, why).await;
             }
@@ -261,13 +320,74 @@ fn reply(conn: &Conn, msg: ServerMsg) {
     conn.outbox.push_reply(msg.to_json().into());
 }
 
-async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphore>, text: &str) {
+async fn handle_text(
+    state: &AppState,
+    conn: &Arc<Conn>,
+    claims: &mut Option<Claims>,
+    requests: &Arc<Semaphore>,
+    text: &str,
+) {
     let msg = match ClientMsg::parse(text) {
         Ok(msg) => msg,
         Err(rejection) => return reply(conn, rejection.into()),
     };
     let engine = &state.engine;
+    // What a watch token does not allow.
+    if let Some(c) = claims.as_ref() {
+        match &msg {
+            ClientMsg::Start { reference, .. } => {
+                return reply(
+                    conn,
+                    ServerMsg::error(
+                        Some(reference.clone()),
+                        ErrorCode::Forbidden,
+                        "a watch token cannot start tasks",
+                    ),
+                )
+            }
+            ClientMsg::Cancel { reference, .. } if !c.cancel => {
+                return reply(
+                    conn,
+                    ServerMsg::error(
+                        reference.clone(),
+                        ErrorCode::Forbidden,
+                        "this watch token does not allow cancel",
+                    ),
+                )
+            }
+            // The host decides what its users' lists hold.
+            ClientMsg::Forget { .. } => return,
+            _ => {}
+        }
+    }
     match msg {
+        ClientMsg::Refresh { token } => {
+            let Some(current) = claims.as_mut() else {
+                return reply(
+                    conn,
+                    ServerMsg::error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "`refresh` is for connections opened with a watch token",
+                    ),
+                );
+            };
+            match state.auth.signer.verify(&token, engine.now_ms()) {
+                Ok(fresh) if fresh.scope == current.scope => *current = fresh,
+                Ok(_) => reply(
+                    conn,
+                    ServerMsg::error(
+                        None,
+                        ErrorCode::Unauthorized,
+                        "the new watch token has another scope",
+                    ),
+                ),
+                Err(e) => reply(
+                    conn,
+                    ServerMsg::error(None, ErrorCode::Unauthorized, e.to_string()),
+                ),
+            }
+        }
         ClientMsg::Subscribe { task } => {
             if engine.subscribe(conn, &task).await.is_err() {
                 reply(conn, not_found(None, &task));
@@ -296,12 +416,12 @@ async fn handle_text(state: &AppState, conn: &Arc<Conn>, requests: &Arc<Semaphor
                 per_window: limits.max_starts_per_min,
                 max_live: limits.max_live_tasks_per_session,
             };
-            let ticket = match engine.admit_start(conn, start_limits).await {
+            let ticket = match engine.admit_start(&conn.session, start_limits).await {
                 Ok(ticket) => ticket,
                 Err(refused) => return reply(conn, error(Some(reference), refused)),
             };
             let Ok(permit) = requests.clone().try_acquire_owned() else {
-                engine.release(conn, ticket).await;
+                engine.release(&conn.session, ticket).await;
                 return reply(conn, busy(Some(reference)));
             };
             let (engine, conn) = (engine.clone(), conn.clone());

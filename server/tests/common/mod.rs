@@ -83,7 +83,16 @@ pub struct Client {
 impl Client {
     /// Connects (with a session cookie if given) and reads the `welcome`.
     pub async fn connect(addr: SocketAddr, session: Option<&str>) -> Client {
-        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        Client::connect_path(addr, "/ws", session).await
+    }
+
+    /// Connects with a watch token (`/ws?token=`) and reads the `welcome`.
+    pub async fn connect_token(addr: SocketAddr, token: &str) -> Client {
+        Client::connect_path(addr, &format!("/ws?token={token}"), None).await
+    }
+
+    async fn connect_path(addr: SocketAddr, path: &str, session: Option<&str>) -> Client {
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
         if let Some(s) = session {
             req.headers_mut().insert(
                 http::header::COOKIE,
@@ -106,7 +115,7 @@ impl Client {
                 tasks,
             } => {
                 assert_eq!(protocol, 1);
-                c.session = session;
+                c.session = session.unwrap_or_default();
                 c.welcome = tasks;
             }
             other => panic!("first frame must be welcome, got {other:?}"),

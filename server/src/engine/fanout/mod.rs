@@ -44,9 +44,40 @@ struct State {
 struct SessionEntry {
     /// The session's tasks held here, oldest first.
     tasks: Vec<Arc<str>>,
-    conns: u32,
+    /// Its open connections: each is subscribed to every new task of the
+    /// session it may see (contract 1.1: every tab shows the same list).
+    members: Vec<Member>,
     /// Connections being set up (their session's tasks being loaded).
     held: u32,
+}
+
+struct Member {
+    id: ConnId,
+    outbox: Arc<Outbox>,
+    view: View,
+}
+
+/// What a connection sees of its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum View {
+    /// A cookie session's connection: every task, `start` allowed;
+    /// `welcome` names the session.
+    Session,
+    /// A watch token for an owner: every task of the owner, present and
+    /// future; `welcome`'s session is null.
+    Owner,
+    /// A watch token for one task: that task only.
+    Task(Arc<str>),
+}
+
+impl View {
+    /// Whether a connection with this view may see `task_id` of its session.
+    pub fn sees(&self, task_id: &str) -> bool {
+        match self {
+            View::Session | View::Owner => true,
+            View::Task(only) => &**only == task_id,
+        }
+    }
 }
 
 struct TaskEntry {
@@ -63,6 +94,7 @@ struct TaskEntry {
 pub struct Conn {
     pub id: ConnId,
     pub session: Arc<str>,
+    pub view: View,
     pub outbox: Arc<Outbox>,
     /// When the peer last sent anything, pongs included (Unix ms).
     pub last_seen_ms: AtomicU64,
@@ -129,18 +161,22 @@ impl Fanout {
     }
 
     /// Registers a connection of `session` (held by the caller), queues its
-    /// `welcome` (every task of the session held here) and subscribes it to
-    /// all of them, atomically, so no update falls between the snapshot and
-    /// the subscription.
-    pub fn connect(&self, session: Arc<str>) -> Conn {
+    /// `welcome` (every task of the session held here that `view` sees) and
+    /// subscribes it to all of them, atomically, so no update falls between
+    /// the snapshot and the subscription.
+    pub fn connect(&self, session: Arc<str>, view: View) -> Conn {
         let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let outbox = Outbox::new();
         let mut guard = self.lock();
         let s = &mut *guard;
         let entry = s.sessions.entry(session.clone()).or_default();
-        entry.conns += 1;
+        entry.members.push(Member {
+            id,
+            outbox: outbox.clone(),
+            view: view.clone(),
+        });
         let mut tasks = Vec::with_capacity(entry.tasks.len());
-        for tid in &entry.tasks {
+        for tid in entry.tasks.iter().filter(|tid| view.sees(tid)) {
             if let Some(t) = s.tasks.get_mut(tid) {
                 t.subscribers.push((id, outbox.clone()));
                 tasks.push(t.task.clone());
@@ -149,13 +185,14 @@ impl Fanout {
         s.conns.insert(id, outbox.clone());
         let welcome = ServerMsg::Welcome {
             protocol: PROTOCOL_VERSION,
-            session: session.to_string(),
+            session: (view == View::Session).then(|| session.to_string()),
             tasks,
         };
         outbox.push_reply(welcome.to_json().into());
         Conn {
             id,
             session,
+            view,
             outbox,
             last_seen_ms: AtomicU64::new(self.now_ms()),
         }
@@ -172,8 +209,8 @@ impl Fanout {
         let Some(entry) = s.sessions.get_mut(&conn.session) else {
             return true;
         };
-        entry.conns = entry.conns.saturating_sub(1);
-        let last = entry.conns == 0;
+        entry.members.retain(|m| m.id != conn.id);
+        let last = entry.members.is_empty();
         for tid in &entry.tasks {
             if let Some(t) = s.tasks.get_mut(tid) {
                 t.subscribers.retain(|(c, _)| *c != conn.id);
@@ -188,14 +225,21 @@ impl Fanout {
         self.lock()
             .sessions
             .get(session)
-            .is_some_and(|e| e.conns > 0)
+            .is_some_and(|e| !e.members.is_empty())
     }
 
     /// A task's state from the engine's truth. Kept only for a session held
     /// here, and only when newer than what is here (a late or repeated
-    /// change can never move a task back); fanned out when kept. Returns
+    /// change can never move a task back); fanned out when kept. A task new
+    /// here goes to every connection of the session that may see it. Returns
     /// whether it was applied.
     pub fn apply(&self, session: &str, task: &Task) -> bool {
+        self.apply_except(session, task, None)
+    }
+
+    /// [`Fanout::apply`], but a task new here is not sent to `except` (it
+    /// is subscribed all the same).
+    fn apply_except(&self, session: &str, task: &Task, except: Option<ConnId>) -> bool {
         let mut guard = self.lock();
         let s = &mut *guard;
         let Some((session, entry)) = s.sessions.get_key_value_mut_compat(session) else {
@@ -211,14 +255,22 @@ impl Fanout {
         }
         let id: Arc<str> = task.id.as_str().into();
         entry.tasks.push(id.clone());
+        let frame = task_frame(task);
+        let mut subscribers = Vec::new();
+        for m in entry.members.iter().filter(|m| m.view.sees(&id)) {
+            subscribers.push((m.id, m.outbox.clone()));
+            if Some(m.id) != except {
+                m.outbox.push_update(&id, task.seq, frame.clone());
+            }
+        }
         s.tasks.insert(
             id.clone(),
             TaskEntry {
                 id,
-                frame: task_frame(task),
+                frame,
                 task: task.clone(),
                 session,
-                subscribers: Vec::new(),
+                subscribers,
             },
         );
         true
@@ -233,7 +285,8 @@ impl Fanout {
             task: task.clone(),
         };
         conn.outbox.push_reply(accepted.to_json().into());
-        self.apply(&conn.session, task);
+        // The session's other connections get it as a `task` message.
+        self.apply_except(&conn.session, task, Some(conn.id));
         let mut s = self.lock();
         if let Some(t) = s.tasks.get_mut(task.id.as_str()) {
             if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
@@ -273,7 +326,7 @@ impl Fanout {
         let t = s
             .tasks
             .get_mut(task_id)
-            .filter(|t| t.session == conn.session)
+            .filter(|t| t.session == conn.session && conn.view.sees(task_id))
             .ok_or(NotFound)?;
         if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
             t.subscribers.push((conn.id, conn.outbox.clone()));
@@ -299,7 +352,11 @@ impl Fanout {
     /// only when it does not get it through the fan-out already.
     pub fn send_state_to(&self, conn: &Conn, task_id: &str, unless_subscribed: bool) {
         let s = self.lock();
-        if let Some(t) = s.tasks.get(task_id).filter(|t| t.session == conn.session) {
+        if let Some(t) = s
+            .tasks
+            .get(task_id)
+            .filter(|t| t.session == conn.session && conn.view.sees(task_id))
+        {
             if !(unless_subscribed && t.subscribers.iter().any(|(c, _)| *c == conn.id)) {
                 conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
             }
@@ -347,7 +404,7 @@ impl Fanout {
 fn release_if_unused(s: &mut State, session: &str) {
     if s.sessions
         .get(session)
-        .is_some_and(|e| e.conns == 0 && e.held == 0)
+        .is_some_and(|e| e.members.is_empty() && e.held == 0)
     {
         if let Some(e) = s.sessions.remove(session) {
             for id in &e.tasks {
@@ -415,7 +472,7 @@ mod tests {
         assert!(!fanout.apply(&s, &task("t1", 1, TaskState::Running)));
         fanout.hold(&s);
         assert!(fanout.apply(&s, &task("t1", 2, TaskState::Running)));
-        let conn = fanout.connect(s.clone());
+        let conn = fanout.connect(s.clone(), View::Session);
         fanout.unhold(&s);
         assert!(frames(&conn)[0].contains("\"welcome\""));
         // Older or equal: ignored; newer: fanned out.
@@ -451,7 +508,7 @@ mod tests {
         let fanout = Fanout::new(Clock::new());
         let s: Arc<str> = "d".repeat(32).into();
         fanout.hold(&s);
-        let conn = fanout.connect(s.clone());
+        let conn = fanout.connect(s.clone(), View::Session);
         fanout.unhold(&s);
         frames(&conn);
         // The first poll's state got here before the start's `accepted`.
@@ -461,5 +518,33 @@ mod tests {
         assert_eq!(sent.len(), 2, "{sent:?}");
         assert!(sent[0].contains("\"accepted\""));
         assert!(sent[1].contains("\"seq\":1"));
+    }
+
+    #[test]
+    fn every_connection_of_the_session_gets_a_new_task() {
+        let fanout = Fanout::new(Clock::new());
+        let s: Arc<str> = "e".repeat(32).into();
+        fanout.hold(&s);
+        let a = fanout.connect(s.clone(), View::Session);
+        let b = fanout.connect(s.clone(), View::Owner);
+        let only = fanout.connect(s.clone(), View::Task("t9".into()));
+        fanout.unhold(&s);
+        assert!(frames(&b)[0].contains("\"session\":null"));
+        frames(&a);
+        frames(&only);
+        fanout.accepted(&a, "r1".into(), &task("t1", 0, TaskState::Queued));
+        let to_a = frames(&a);
+        assert_eq!(to_a.len(), 1, "{to_a:?}");
+        assert!(to_a[0].contains("\"accepted\""));
+        let to_b = frames(&b);
+        assert_eq!(to_b.len(), 1, "{to_b:?}");
+        assert!(to_b[0].starts_with("{\"type\":\"task\""));
+        assert!(frames(&only).is_empty());
+        // Both are subscribed: the next change reaches both, not `only`.
+        fanout.apply(&s, &task("t1", 1, TaskState::Running));
+        assert_eq!(frames(&a).len(), 1);
+        assert_eq!(frames(&b).len(), 1);
+        assert!(frames(&only).is_empty());
+        assert_eq!(fanout.subscribe(&only, "t1"), Err(NotFound));
     }
 }

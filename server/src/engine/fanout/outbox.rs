@@ -34,6 +34,9 @@ pub enum CloseReason {
     NotReading,
     /// The client sent a message over the size limit (close 1009).
     TooBig,
+    /// The connection's watch token expired unrefreshed (close 1008, after
+    /// what is queued, the `unauthorized` error last).
+    Expired,
 }
 
 #[derive(Default)]

@@ -150,6 +150,16 @@ impl MemoryEngine {
         (session, is_new)
     }
 
+    /// An owner's session (server API), made when missing; like a new
+    /// cookie session, forgotten one retention later unless a task holds it.
+    pub async fn open_session(&self, session: &Arc<str>) {
+        if self.table.open_session(session) {
+            self.queue()
+                .expire_session(session.clone(), self.retention)
+                .await;
+        }
+    }
+
     /// Writes what is not on disk yet and stops the writer (at shutdown).
     pub async fn close(&self) {
         if let Some(durable) = &self.durable {

@@ -120,6 +120,17 @@ impl Table {
     }
 
     /// A session's tasks with their task-service ids, oldest first.
+    /// A session the server names (an owner's, from the server API), made
+    /// when missing. Whether it is new.
+    pub fn open_session(&self, session: &Arc<str>) -> bool {
+        let mut s = self.lock();
+        if s.sessions.contains_key(session) {
+            return false;
+        }
+        s.sessions.insert(session.clone(), SessionRec::default());
+        true
+    }
+
     pub fn session_tasks(&self, session: &str) -> Vec<(Task, Arc<str>)> {
         let s = self.lock();
         s.sessions.get(session).map_or_else(Vec::new, |e| {
@@ -186,6 +197,11 @@ impl Table {
         let s = self.lock();
         let t = s.tasks.get(task_id).filter(|t| &*t.session == session)?;
         Some((t.tr.task.clone(), t.backend_id.clone()))
+    }
+
+    /// The session a task belongs to.
+    pub fn session_of(&self, task_id: &str) -> Option<Arc<str>> {
+        self.lock().tasks.get(task_id).map(|t| t.session.clone())
     }
 
     pub fn poll_target(&self, task_id: &str) -> PollTarget {
