@@ -98,7 +98,8 @@ pub struct Application {
     state: AppState,
     /// The memory engine's delay queues, one per backend.
     queues: Vec<Queue>,
-    /// The Redis engine's poller (roles `all` and `worker`).
+    /// The Redis engine's poller, a claim loop per backend (roles `all`
+    /// and `worker`).
     worker: Option<Worker>,
     /// The Redis engine's change feed (roles `all` and `web`).
     listener: Option<Listener>,
@@ -150,19 +151,10 @@ impl Application {
                 (engine, queues, None, None)
             }
             Some(store) => {
-                if backends.slots().len() > 1 {
-                    return Err(StartupError::Config(
-                        "the Redis engine brokers for one backend in this version; \
-                         several backends need the memory engine (no --redis)"
-                            .into(),
-                    ));
-                }
-                let slot = backends.slot(0);
-                let redis = RedisEngine::new(store.clone(), clock, config.retention_s);
+                let redis = RedisEngine::new(store.clone(), clock, config.retention_s, &backends);
                 let worker = config.role.polls().then(|| Worker {
                     engine: redis.clone(),
-                    ctx: slot.ctx.clone(),
-                    limits: slot.limits.clone(),
+                    backends: backends.clone(),
                 });
                 let listener = config
                     .role

@@ -2,6 +2,8 @@
 //! simulator as a real separate process.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use app::protocol::{ServerMsg, Task};
 use futures::{SinkExt, StreamExt};
 use server::config::{BackendChoice, Config};

@@ -6,7 +6,8 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `tw:task:{id}` | hash | `task` (JSON), `seq`, `session`, `backend`, `track` (JSON), `final` |
-//! | `tw:due` | sorted set | live task ids by next due poll (Unix ms) — the delay queue |
+//! | `tw:due` | sorted set | the first backend's live task ids by next due poll (Unix ms) — its delay queue |
+//! | `tw:due:{backend}` | sorted set | the same for each further `[[backend]]`, by name |
 //! | `tw:session:{token}` | hash | `created`; exists while the session does |
 //! | `tw:session:{token}:tasks` | sorted set | the session's task ids by creation |
 //! | `tw:session:{token}:live` | set | its tasks not yet final |
@@ -15,10 +16,22 @@
 
 /// Channel of task changes (`Event`s), read by every web process.
 pub const EVENTS: &str = "tw:events";
-/// Channel that wakes the workers when a task is created (due at once).
+/// Channel that wakes the workers when a task is created (due at once);
+/// the message is the delay queue ([`due`]) the task went into.
 pub const WAKE: &str = "tw:wake";
-/// The shared delay queue.
+/// The first backend's delay queue: the one queue of the versions with a
+/// single backend, kept so that an upgrade moves nothing.
 pub const DUE: &str = "tw:due";
+
+/// The delay queue of the backend at `slot` (in the configuration's order)
+/// named `name`: each backend has its own, claimed by its own loop.
+pub fn due(slot: usize, name: &str) -> String {
+    if slot == 0 {
+        DUE.to_string()
+    } else {
+        format!("{DUE}:{name}")
+    }
+}
 /// Prefix of a task's hash: `TASK_PREFIX` + id.
 pub const TASK_PREFIX: &str = "tw:task:";
 

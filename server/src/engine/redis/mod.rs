@@ -1,6 +1,7 @@
 //! The Redis engine (`--redis URL`): Redis holds sessions, tasks and the
 //! delay queue ([`store`], [`keys`], `lua/`), shared by any number of
-//! processes. Workers claim due polls from it ([`worker`]); each web process
+//! processes, with a delay queue per backend ([`keys::due`]). Workers claim
+//! due polls from it, a claim loop per backend ([`worker`]); each web process
 //! follows the changes of the sessions connected to it over pub/sub
 //! ([`listener`]) into its fanout. Its half of the engine interface: what
 //! [`super::Engine`] asks of whichever engine runs.
@@ -11,6 +12,7 @@ pub mod store;
 pub mod worker;
 
 use super::admission::{Refusal, StartLimits};
+use super::backends::Backends;
 use super::pipeline::{next_due, Committed, TaskStore};
 use crate::clock::Clock;
 use crate::metrics as m;
@@ -31,18 +33,39 @@ pub struct RedisEngine {
     clock: Clock,
     /// How long a final task stays in Redis.
     retention_s: u64,
+    backends: Backends,
+    /// Each backend's delay queue, in the backends' order.
+    dues: Arc<[String]>,
 }
 
 /// An admitted start, to release once the task service answered.
 pub struct Nonce(String);
 
 impl RedisEngine {
-    pub fn new(store: Store, clock: Clock, retention_s: u64) -> Self {
+    pub fn new(store: Store, clock: Clock, retention_s: u64, backends: &Backends) -> Self {
+        let dues = backends
+            .slots()
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| keys::due(i, &slot.name))
+            .collect();
         RedisEngine {
             store,
             clock,
             retention_s,
+            backends: backends.clone(),
+            dues,
         }
+    }
+
+    /// The delay queue of each backend, in the backends' order.
+    pub fn dues(&self) -> &[String] {
+        &self.dues
+    }
+
+    /// The delay queue of a task of `backend_id` (as stored).
+    pub fn due_of(&self, backend_id: &str) -> &str {
+        &self.dues[self.backends.slot_of(backend_id)]
     }
 
     pub async fn resolve_session(
@@ -92,7 +115,9 @@ impl RedisEngine {
         task: &Task,
         backend_id: &str,
     ) -> Result<(), StoreError> {
-        self.store.create_task(session, task, backend_id).await
+        self.store
+            .create_task(session, task, backend_id, self.due_of(backend_id))
+            .await
     }
 
     /// A task of `session` and its task-service id.
@@ -139,7 +164,14 @@ impl RedisEngine {
             let next = next_due(outcome.decision, &stored.tracked, due_ms, now);
             match self
                 .store
-                .save(&stored, loaded_seq, changed, next, self.retention_s)
+                .save(
+                    &stored,
+                    self.due_of(&stored.backend_id),
+                    loaded_seq,
+                    changed,
+                    next,
+                    self.retention_s,
+                )
                 .await?
             {
                 Saved::Done => {

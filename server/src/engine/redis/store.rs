@@ -3,8 +3,10 @@
 //! is atomic; every change to a task bumps its `seq` by compare-and-set and
 //! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`] (one
 //! Redis, not a cluster: two scripts derive task keys from ids they read).
+//! The delay-queue commands take the backend's queue ([`keys::due`]); the
+//! engine knows which backend a task belongs to.
 
-use super::keys::{self, DUE, EVENTS, TASK_PREFIX, WAKE};
+use super::keys::{self, EVENTS, TASK_PREFIX, WAKE};
 use crate::engine::admission::{Refusal, StartLimits, PENDING_STALE, START_WINDOW};
 use crate::task::policy::NextDue;
 use crate::task::{Track, Tracked};
@@ -78,6 +80,8 @@ static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 /// Lease renewal of the polls a worker is running (see `worker.rs`).
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/renew.lua")));
+
+static RELOCATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/relocate.lua")));
 
 /// A connection to Redis that reconnects by itself (cheap to clone).
 #[derive(Clone)]
@@ -188,13 +192,14 @@ impl Store {
         Ok(())
     }
 
-    /// Records a new task, due for its first poll at once, and tells the
-    /// web processes and the workers.
+    /// Records a new task in its backend's delay queue `due`, due for its
+    /// first poll at once, and tells the web processes and the workers.
     pub async fn create_task(
         &self,
         session: &str,
         task: &Task,
         backend_id: &str,
+        due: &str,
     ) -> Result<(), StoreError> {
         let event = Event {
             s: session.into(),
@@ -205,7 +210,7 @@ impl Store {
         let mut c = self.conn.clone();
         CREATE
             .key(keys::task(&task.id))
-            .key(DUE)
+            .key(due)
             .key(keys::session_sub(session, "tasks"))
             .key(keys::session_sub(session, "live"))
             .key(keys::session(session))
@@ -249,10 +254,12 @@ impl Store {
 
     /// Saves `stored` (its task already committed with the next `seq` when
     /// `changed`) if nobody changed the task since it was loaded at
-    /// `loaded_seq`, publishes a change, and moves the task's queue entry.
+    /// `loaded_seq`, publishes a change, and moves the task's entry in its
+    /// backend's delay queue `due`.
     pub async fn save(
         &self,
         stored: &Stored,
+        due: &str,
         loaded_seq: u64,
         changed: bool,
         next: NextDue,
@@ -278,7 +285,7 @@ impl Store {
         let mut c = self.conn.clone();
         let outcome: i64 = SAVE
             .key(keys::task(&task.id))
-            .key(DUE)
+            .key(due)
             .key(keys::session_sub(&stored.session, "live"))
             .arg(loaded_seq)
             .arg(task_json)
@@ -319,18 +326,19 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Claims up to `max` polls due by `now_ms`, each leased until
-    /// `lease_until` (a lease score, see `worker.rs`), and reads their
-    /// tasks in the same round trip.
+    /// Claims up to `max` polls due by `now_ms` from the delay queue `due`,
+    /// each leased until `lease_until` (a lease score, see `worker.rs`),
+    /// and reads their tasks in the same round trip.
     pub async fn claim(
         &self,
+        due: &str,
         now_ms: u64,
         max: usize,
         lease_until: f64,
     ) -> Result<Claimed, StoreError> {
         let mut c = self.conn.clone();
         let mut flat: Vec<String> = CLAIM
-            .key(DUE)
+            .key(due)
             .arg(now_ms)
             .arg(max)
             .arg(lease_until)
@@ -338,7 +346,7 @@ impl Store {
             .invoke_async(&mut c)
             .await?;
         let next_due = flat.pop().and_then(|s| parse_score(&s));
-        let mut due = Vec::with_capacity(flat.len() / 7);
+        let mut claims = Vec::with_capacity(flat.len() / 7);
         let mut it = flat.into_iter();
         while let (
             Some(id),
@@ -358,23 +366,31 @@ impl Store {
             it.next(),
         ) {
             let stored = stored_from([task, seq, session, backend, track]);
-            due.push(Claim {
+            claims.push(Claim {
                 id,
                 due_ms: parse_score(&score).unwrap_or(0),
                 stored,
             });
         }
-        Ok(Claimed { due, next_due })
+        Ok(Claimed {
+            due: claims,
+            next_due,
+        })
     }
 
-    /// Renews leases: per `(id, held, new)`, the entry moves from score
-    /// `held` to `new` if it still has `held`. Whether each was renewed.
-    pub async fn renew(&self, leases: &[(&str, f64, f64)]) -> Result<Vec<bool>, StoreError> {
+    /// Renews leases in the delay queue `due`: per `(id, held, new)`, the
+    /// entry moves from score `held` to `new` if it still has `held`.
+    /// Whether each was renewed.
+    pub async fn renew(
+        &self,
+        due: &str,
+        leases: &[(&str, f64, f64)],
+    ) -> Result<Vec<bool>, StoreError> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
         let mut c = self.conn.clone();
-        let mut call = RENEW.key(DUE);
+        let mut call = RENEW.key(due);
         for (id, held, new) in leases {
             call.arg(*id).arg(*held).arg(*new);
         }
@@ -382,12 +398,13 @@ impl Store {
         Ok(flags.into_iter().map(|f| f == 1).collect())
     }
 
-    /// Puts a claimed poll back, due at `due_ms` (a rate cap deferred it).
-    pub async fn defer(&self, task_id: &str, due_ms: u64) -> Result<(), StoreError> {
+    /// Puts a claimed poll back into `due`, due at `due_ms` (a rate cap
+    /// deferred it).
+    pub async fn defer(&self, due: &str, task_id: &str, due_ms: u64) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         // XX: only if still queued (it may have turned final meanwhile).
         redis::cmd("ZADD")
-            .arg(DUE)
+            .arg(due)
             .arg("XX")
             .arg(due_ms)
             .arg(task_id)
@@ -396,21 +413,45 @@ impl Store {
         Ok(())
     }
 
-    /// Takes a task out of the delay queue.
-    pub async fn remove_due(&self, task_id: &str) -> Result<(), StoreError> {
+    /// Moves a claimed poll, still under the lease `held`, from the delay
+    /// queue `from` to `to` (its task's own backend's), due at `due_ms`,
+    /// and wakes that queue's workers. Whether it moved.
+    pub async fn relocate(
+        &self,
+        from: &str,
+        to: &str,
+        task_id: &str,
+        held: f64,
+        due_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let moved: i64 = RELOCATE
+            .key(from)
+            .key(to)
+            .arg(task_id)
+            .arg(held)
+            .arg(due_ms)
+            .arg(WAKE)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// Takes a task out of the delay queue `due`.
+    pub async fn remove_due(&self, due: &str, task_id: &str) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         redis::cmd("ZREM")
-            .arg(DUE)
+            .arg(due)
             .arg(task_id)
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
     }
 
-    /// Entries of the delay queue (for tests and metrics).
-    pub async fn queue_len(&self) -> Result<u64, StoreError> {
+    /// Entries of the delay queue `due` (for tests and metrics).
+    pub async fn queue_len(&self, due: &str) -> Result<u64, StoreError> {
         let mut c = self.conn.clone();
-        Ok(redis::cmd("ZCARD").arg(DUE).query_async(&mut c).await?)
+        Ok(redis::cmd("ZCARD").arg(due).query_async(&mut c).await?)
     }
 }
 

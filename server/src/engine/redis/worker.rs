@@ -1,7 +1,14 @@
 //! The Redis engine's poll worker: claims due polls from the shared delay
-//! queue (`tw:due`, a sorted set scored by due time), polls the task
-//! service, and saves each outcome by compare-and-set, which publishes the
-//! change and queues the task's next poll.
+//! queues (a sorted set per backend scored by due time, [`super::keys::due`]),
+//! polls the task service, and saves each outcome by compare-and-set, which
+//! publishes the change and queues the task's next poll.
+//!
+//! One claim loop per backend, each with that backend's permits, rate cap
+//! and poll context, like the memory engine's queue per backend: a backend
+//! that is slow or down fills only its own permits and its own queue, and
+//! never delays another backend's claims. A loop that claims a task of
+//! another backend (the backends were reordered or renamed) moves it to
+//! that backend's queue instead of polling it.
 //!
 //! A claim moves the entry to the end of a short lease ([`LEASE_MS`]),
 //! atomically, so exactly one worker has a task at a time. The live worker
@@ -15,15 +22,16 @@
 //! milliseconds: renewal moves an entry only while it still holds the
 //! worker's own lease, never a due time a save has set meanwhile.
 //!
-//! No worker spins: after a claim it sleeps until the earliest due time the
-//! claim read (at most [`MAX_SLEEP`]), or until a new task wakes it
-//! (`tw:wake`), a lease needs renewing, or a poll of its own finishes while
-//! its pool was full.
+//! No loop spins: after a claim it sleeps until the earliest due time the
+//! claim read (at most [`MAX_SLEEP`]), or until a new task of its backend
+//! wakes it (`tw:wake` names the queue), a lease needs renewing, or a poll
+//! of its own finishes while its pool was full.
 
 use super::keys::WAKE;
 use super::store::{Claim, Claimed, Store, StoreError, RETRY_MAX, RETRY_MIN};
 use super::RedisEngine;
-use crate::engine::pipeline::{Limits, Pipeline, PollCtx};
+use crate::engine::backends::Backends;
+use crate::engine::pipeline::{Pipeline, PollCtx};
 use crate::metrics as m;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -58,7 +66,7 @@ struct Leases {
 impl Leases {
     /// Renews every lease; drops the polls whose lease is no longer theirs
     /// (saved already, or lost) or may run out before the next try.
-    async fn renew(&mut self, store: &Store, now_ms: u64) {
+    async fn renew(&mut self, store: &Store, due: &str, now_ms: u64) {
         if self.held.is_empty() {
             return;
         }
@@ -68,7 +76,7 @@ impl Leases {
             .iter()
             .map(|(id, (held, _))| (id.as_str(), *held, new))
             .collect();
-        match store.renew(&batch).await {
+        match store.renew(due, &batch).await {
             Ok(flags) => {
                 let ids: Vec<String> = batch.iter().map(|(id, ..)| id.to_string()).collect();
                 for (id, renewed) in ids.into_iter().zip(flags) {
@@ -100,25 +108,60 @@ impl Leases {
     }
 }
 
+/// The worker role's poller: a claim loop per backend.
 pub struct Worker {
     pub engine: RedisEngine,
-    pub ctx: Arc<PollCtx>,
-    pub limits: Limits,
+    pub backends: Backends,
 }
 
 impl Worker {
     /// Runs until `shutdown` turns true, then lets the polls in flight finish.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let store = self.engine.store.clone();
-        let wake = Arc::new(Notify::new());
+        let dues = self.engine.dues().to_vec();
+        let wakes: Vec<Arc<Notify>> = dues.iter().map(|_| Arc::new(Notify::new())).collect();
         let wake_task = tokio::spawn(wake_on_new_tasks(
-            store.clone(),
-            wake.clone(),
+            store,
+            dues.iter().cloned().zip(wakes.iter().cloned()).collect(),
             shutdown.clone(),
         ));
-        let max_in_flight = self.limits.max_in_flight.max(1);
-        let mut pipeline = Pipeline::new(self.ctx.clone(), &self.limits);
-        let clock = self.ctx.clock;
+        let mut loops = JoinSet::new();
+        for (slot, (due, wake)) in dues.into_iter().zip(wakes).enumerate() {
+            let claims = ClaimLoop {
+                engine: self.engine.clone(),
+                backends: self.backends.clone(),
+                slot,
+                due: due.into(),
+                wake,
+            };
+            loops.spawn(claims.run(shutdown.clone()));
+        }
+        while loops.join_next().await.is_some() {}
+        wake_task.abort();
+    }
+}
+
+/// One backend's claims: its queue, its permits, its rate cap, its leases.
+struct ClaimLoop {
+    engine: RedisEngine,
+    backends: Backends,
+    /// The backend's index.
+    slot: usize,
+    /// Its delay queue.
+    due: Arc<str>,
+    wake: Arc<Notify>,
+}
+
+impl ClaimLoop {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let store = self.engine.store.clone();
+        let slot = self.backends.slot(self.slot);
+        let max_in_flight = slot.limits.max_in_flight.max(1);
+        let mut pipeline = Pipeline::new(slot.ctx.clone(), &slot.limits);
+        let backend = ::metrics::Label::new("backend", slot.name.to_string());
+        let clock = slot.ctx.clock;
+        let due_key = self.due.clone();
+        let due = &*due_key;
         let engine = self.engine;
         let mut in_flight: JoinSet<String> = JoinSet::new();
         let mut leases = Leases::default();
@@ -133,12 +176,12 @@ impl Worker {
             }
             if renewed.elapsed() >= RENEW_EVERY {
                 renewed = Instant::now();
-                leases.renew(&store, clock.now_ms()).await;
+                leases.renew(&store, due, clock.now_ms()).await;
             }
             if depth_read.elapsed() >= m::UPKEEP_INTERVAL {
                 depth_read = Instant::now();
-                if let Ok(depth) = store.queue_len().await {
-                    metrics::gauge!(m::REDIS_QUEUE_DEPTH).set(depth as f64);
+                if let Ok(depth) = store.queue_len(due).await {
+                    metrics::gauge!(m::REDIS_QUEUE_DEPTH, vec![backend.clone()]).set(depth as f64);
                 }
             }
             let free = max_in_flight.saturating_sub(in_flight.len());
@@ -147,16 +190,31 @@ impl Worker {
                 let now = clock.now_ms();
                 let batch = free.min(CLAIM_BATCH);
                 let lease = lease_score(now + LEASE_MS);
-                match store.claim(now, batch, lease).await {
-                    Ok(Claimed { due, next_due }) => {
+                match store.claim(due, now, batch, lease).await {
+                    Ok(Claimed {
+                        due: claims,
+                        next_due,
+                    }) => {
                         retry = RETRY_MIN;
-                        let full = due.len() == batch;
-                        for claim in due {
+                        let full = claims.len() == batch;
+                        for claim in claims {
+                            if let Ok(Some(stored)) = &claim.stored {
+                                let owner = self.backends.slot_of(&stored.backend_id);
+                                if owner != self.slot {
+                                    let to = engine.dues()[owner].as_str();
+                                    let moved =
+                                        store.relocate(due, to, &claim.id, lease, claim.due_ms);
+                                    if let Err(e) = moved.await {
+                                        redis_error("relocate", &e);
+                                    }
+                                    continue;
+                                }
+                            }
                             let jitter = match pipeline.admit(claim.due_ms) {
                                 Ok(jitter) => jitter,
                                 Err(wait) => {
                                     let later = now + wait.as_millis() as u64;
-                                    if let Err(e) = store.defer(&claim.id, later).await {
+                                    if let Err(e) = store.defer(due, &claim.id, later).await {
                                         redis_error("defer", &e);
                                     }
                                     continue;
@@ -166,6 +224,7 @@ impl Worker {
                             let running = in_flight.spawn(poll(
                                 engine.clone(),
                                 pipeline.ctx().clone(),
+                                due_key.clone(),
                                 claim,
                                 jitter,
                             ));
@@ -193,7 +252,7 @@ impl Worker {
             }
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = wake.notified() => {}
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
                 Some(done) = in_flight.join_next(), if free == 0 => {
                     if let Ok(id) = done {
@@ -212,23 +271,28 @@ impl Worker {
                 },
                 _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(renewed.elapsed())) => {
                     renewed = Instant::now();
-                    leases.renew(&store, clock.now_ms()).await;
+                    leases.renew(&store, due, clock.now_ms()).await;
                 }
             }
         }
-        wake_task.abort();
     }
 }
 
 /// One claimed poll through the pipeline, committed by compare-and-set
 /// from the state the claim read. A failure to reach Redis leaves the claim
 /// to run out; the task comes due again then.
-async fn poll(engine: RedisEngine, ctx: Arc<PollCtx>, claim: Claim, jitter: f64) -> String {
+async fn poll(
+    engine: RedisEngine,
+    ctx: Arc<PollCtx>,
+    due: Arc<str>,
+    claim: Claim,
+    jitter: f64,
+) -> String {
     let Claim { id, due_ms, stored } = claim;
     let stored = match stored {
         Ok(Some(stored)) => stored,
         Ok(None) => {
-            drop_gone(&engine.store, &id).await;
+            drop_gone(&engine.store, &due, &id).await;
             return id;
         }
         Err(e) => {
@@ -254,8 +318,8 @@ async fn poll(engine: RedisEngine, ctx: Arc<PollCtx>, claim: Claim, jitter: f64)
 }
 
 /// A queued id whose task is gone (forgotten, or expired): out of the queue.
-async fn drop_gone(store: &Store, id: &str) {
-    if let Err(e) = store.remove_due(id).await {
+async fn drop_gone(store: &Store, due: &str, id: &str) {
+    if let Err(e) = store.remove_due(due, id).await {
         redis_error("remove", &e);
     }
 }
@@ -265,22 +329,36 @@ fn redis_error(op: &'static str, e: &StoreError) {
     metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(1);
 }
 
-/// Wakes the claim loop whenever a task is created (its first poll is due
-/// at once), resubscribing after Redis comes back.
-async fn wake_on_new_tasks(store: Store, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+/// Wakes the claim loop of a task's backend whenever a task is created (its
+/// first poll is due at once): each message names a delay queue (`dues`:
+/// queue → its loop's wake-up); any other message (a task id, from a
+/// version with one queue) wakes every loop. Resubscribes after Redis
+/// comes back.
+async fn wake_on_new_tasks(
+    store: Store,
+    dues: HashMap<String, Arc<Notify>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let wake_all = || dues.values().for_each(|w| w.notify_one());
     let mut retry = RETRY_MIN;
     loop {
         match store.subscribe(WAKE).await {
             Ok(mut pubsub) => {
                 retry = RETRY_MIN;
                 // Whatever was created while unsubscribed is due now.
-                wake.notify_one();
+                wake_all();
                 let mut messages = pubsub.on_message();
                 loop {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         msg = messages.next() => match msg {
-                            Some(_) => wake.notify_one(),
+                            Some(msg) => {
+                                let queue = std::str::from_utf8(msg.get_payload_bytes()).ok();
+                                match queue.and_then(|q| dues.get(q)) {
+                                    Some(wake) => wake.notify_one(),
+                                    None => wake_all(),
+                                }
+                            }
                             None => break,
                         },
                     }

@@ -1,5 +1,5 @@
 -- Compare-and-set of a task on its seq; publishes a change and moves the
--- task's queue entry. KEYS: task, due, session live.
+-- task's queue entry. KEYS: task, due (its backend's), session live.
 -- ARGV: expected seq, task json ('' = unchanged), track json,
 --       next ('keep' | 'final' | due ms), retention s, id, event, final flag,
 --       events channel.
