@@ -26,8 +26,7 @@ impl Schedule {
     pub fn cap_ms(&self, failures: u32) -> u64 {
         let shift = failures.saturating_sub(1).min(63);
         self.initial_ms
-            .checked_mul(1u64 << shift)
-            .unwrap_or(u64::MAX)
+            .saturating_mul(1u64 << shift)
             .min(self.max_ms.max(self.initial_ms))
     }
 
