@@ -14,6 +14,7 @@ pub mod sim;
 pub mod task;
 pub mod task_api;
 pub mod web;
+pub mod webhook;
 
 use axum::extract::FromRef;
 use axum::Router;

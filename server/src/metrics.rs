@@ -38,6 +38,15 @@ pub const REDIS_CAS_CONFLICTS: &str = "taskwire_redis_cas_conflicts_total";
 pub const API_REQUESTS: &str = "taskwire_api_requests_total";
 /// Open `/sse` streams.
 pub const SSE_CONNECTIONS: &str = "taskwire_sse_connections";
+/// Webhook deliveries ended, by `outcome`: `delivered`, `gave_up`,
+/// `refused` (queue full), `store_error` (could not be queued).
+pub const WEBHOOK_DELIVERIES: &str = "taskwire_webhook_deliveries_total";
+/// Webhook attempts that failed, by `kind` (`http_5xx`, `timeout`, `refused`, ...).
+pub const WEBHOOK_FAILURES: &str = "taskwire_webhook_failures_total";
+/// Webhook attempts scheduled again after a failure.
+pub const WEBHOOK_RETRIES: &str = "taskwire_webhook_retries_total";
+/// Webhook deliveries waiting or in flight, as the delivery loop last saw them.
+pub const WEBHOOK_QUEUE_DEPTH: &str = "taskwire_webhook_queue_depth";
 
 /// Seconds; from a fast loopback poll to a timed-out one.
 const BUCKETS: &[f64] = &[
@@ -88,6 +97,13 @@ fn describe() {
     describe_counter!(
         UPDATES_COALESCED,
         "Task updates replaced by a newer state before a slow client read them"
+    );
+    describe_counter!(WEBHOOK_DELIVERIES, "Webhook deliveries ended, by outcome");
+    describe_counter!(WEBHOOK_FAILURES, "Failed webhook attempts, by kind");
+    describe_counter!(WEBHOOK_RETRIES, "Webhook attempts scheduled again");
+    describe_gauge!(
+        WEBHOOK_QUEUE_DEPTH,
+        "Webhook deliveries waiting or in flight"
     );
 }
 

@@ -7,7 +7,7 @@
 //! ([`client`]).
 
 pub mod celery;
-mod client;
+pub(crate) mod client;
 pub mod declarative;
 mod embedded;
 mod http;

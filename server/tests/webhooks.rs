@@ -1,0 +1,410 @@
+//! Webhook deliveries to a real receiver (axum on 127.0.0.1, port 0), with
+//! real time kept small: tokio's paused clock would fire the POST's timeout
+//! while the socket waits, so delays here are tens of milliseconds.
+
+use app::protocol::{Task, TaskState};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use hmac::{Hmac, Mac};
+use server::clock::Clock;
+use server::webhook::{DeliveryStore, WebhookSettings, Webhooks};
+use sha2::Sha256;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "a-test-secret-of-32-bytes-000000";
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+struct Hit {
+    headers: HeaderMap,
+    body: String,
+    at: Instant,
+}
+
+/// A receiver at `/hooks/...`: answers the statuses queued in `script`,
+/// then 200.
+#[derive(Clone, Default)]
+struct Receiver {
+    hits: Arc<Mutex<Vec<Hit>>>,
+    script: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Receiver {
+    async fn start(script: &[u16]) -> (Receiver, String) {
+        let r = Receiver::default();
+        r.script.lock().unwrap().extend(script);
+        let app = Router::new()
+            .route("/hooks/{*rest}", post(receive))
+            .with_state(r.clone());
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+        (r, format!("http://{addr}"))
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `within`) until `n` requests have come.
+    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Hit> {
+        let deadline = Instant::now() + within;
+        loop {
+            let hits = self.hits();
+            if hits.len() >= n || Instant::now() > deadline {
+                return hits;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) -> StatusCode {
+    r.hits.lock().unwrap().push(Hit {
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    let status = r.script.lock().unwrap().pop_front().unwrap_or(200);
+    StatusCode::from_u16(status).unwrap()
+}
+
+fn settings(base: &str) -> WebhookSettings {
+    WebhookSettings {
+        secret: SECRET.into(),
+        allow: vec![format!("{base}/hooks/")],
+        timeout_ms: 2_000,
+        retry_initial_ms: 20,
+        retry_max_ms: 100,
+        give_up_s: 60,
+        ..Default::default()
+    }
+}
+
+fn task(id: &str, state: TaskState) -> Task {
+    Task {
+        id: id.into(),
+        kind: "simulate".into(),
+        state,
+        done: 10,
+        total: Some(10),
+        message: None,
+        result: Some(serde_json::json!({"n": 1.5})),
+        error: None,
+        seq: 7,
+        created_ms: 1_700_000_000_000,
+        updated_ms: 1_700_000_001_000,
+        params: None,
+    }
+}
+
+fn header<'a>(hit: &'a Hit, name: &str) -> &'a str {
+    hit.headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}"))
+        .to_str()
+        .unwrap()
+}
+
+async fn pending_drops_to_zero(hooks: &Webhooks) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hooks.pending().await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "deliveries still pending");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_final_state_is_posted_signed_once() {
+    let (rx, base) = Receiver::start(&[]).await;
+    let hooks = Webhooks::start(settings(&base), DeliveryStore::Memory, Clock::new())
+        .await
+        .unwrap();
+    hooks
+        .register("t1", &format!("{base}/hooks/orders?o=1"))
+        .await
+        .unwrap();
+    // Not final, and final without a hook: nothing.
+    hooks.on_final(&task("t1", TaskState::Running)).await;
+    hooks.on_final(&task("other", TaskState::Failed)).await;
+    let t = task("t1", TaskState::Succeeded);
+    hooks.on_final(&t).await;
+    let hits = rx.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(hits.len(), 1);
+    let hit = &hits[0];
+
+    // The body is the WebSocket's `task` message.
+    let body: serde_json::Value = serde_json::from_str(&hit.body).unwrap();
+    assert_eq!(body["type"], "task");
+    assert_eq!(
+        serde_json::from_value::<Task>(body["task"].clone()).unwrap(),
+        t
+    );
+    assert_eq!(header(hit, "content-type"), "application/json");
+
+    // The receiver's check, written out as a host would.
+    let ts = header(hit, "x-taskwire-timestamp");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(ts.parse::<u64>().unwrap().abs_diff(now_ms) < 60_000, "{ts}");
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{}", hit.body).as_bytes());
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        header(hit, "x-taskwire-signature"),
+        format!("sha256={expected}")
+    );
+    let id = header(hit, "x-taskwire-delivery");
+    assert_eq!(id.len(), 32, "{id}");
+
+    // Exactly once per task: a second final state finds no registration.
+    hooks.on_final(&t).await;
+    pending_drops_to_zero(&hooks).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rx.hits().len(), 1);
+    hooks.close().await;
+}
+
+#[tokio::test]
+async fn failures_are_retried_under_the_same_delivery_id() {
+    let (rx, base) = Receiver::start(&[500, 500]).await;
+    let hooks = Webhooks::start(settings(&base), DeliveryStore::Memory, Clock::new())
+        .await
+        .unwrap();
+    hooks
+        .register("t2", &format!("{base}/hooks/x"))
+        .await
+        .unwrap();
+    hooks.on_final(&task("t2", TaskState::Failed)).await;
+    let hits = rx.wait_for(3, Duration::from_secs(5)).await;
+    assert_eq!(hits.len(), 3);
+    let ids: Vec<&str> = hits
+        .iter()
+        .map(|h| header(h, "x-taskwire-delivery"))
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert!(hits.iter().all(|h| h.body == hits[0].body));
+    // Retries wait at most the cap (20 ms, then 40 ms), plus slack.
+    let span = hits[2].at - hits[0].at;
+    assert!(span < Duration::from_secs(2), "{span:?}");
+    pending_drops_to_zero(&hooks).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rx.hits().len(), 3, "a 200 ends the delivery");
+    hooks.close().await;
+}
+
+#[tokio::test]
+async fn urls_outside_the_allow_list_are_refused() {
+    let (_rx, base) = Receiver::start(&[]).await;
+    let mut s = settings(&base);
+    s.allow.push("https://shop.example/hooks/".into());
+    let hooks = Webhooks::start(s, DeliveryStore::Memory, Clock::new())
+        .await
+        .unwrap();
+    assert!(hooks.check_url(&format!("{base}/hooks/a")).is_ok());
+    for (bad, why) in [
+        (format!("{base}/admin"), "allowed prefix"),
+        (format!("{base}/hooks/../admin"), ".."),
+        (
+            base.replace("http://", "http://user@") + "/hooks/",
+            "user information",
+        ),
+        ("http://evil.example/hooks/".into(), "allowed prefix"),
+        ("https://shop.example/hooks/a".into(), "https"),
+        (
+            "https://shop.example.evil.com/hooks/".into(),
+            "allowed prefix",
+        ),
+    ] {
+        let err = hooks.check_url(&bad).unwrap_err();
+        assert!(err.contains(why), "{bad}: {err}");
+        assert!(hooks.register("t", &bad).await.is_err(), "{bad}");
+    }
+    hooks.close().await;
+}
+
+#[tokio::test]
+async fn a_pending_delivery_survives_a_restart_with_the_file_store() {
+    // The first process only ever sees failures.
+    let (rx, base) = Receiver::start(&[503; 1000]).await;
+    let dir = std::env::temp_dir().join(format!("taskwire-hooks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut s = settings(&base);
+    s.retry_initial_ms = 300;
+    s.retry_max_ms = 300;
+    let store = DeliveryStore::File(dir.clone());
+    let hooks = Webhooks::start(s.clone(), store.clone(), Clock::new())
+        .await
+        .unwrap();
+    hooks
+        .register("t4", &format!("{base}/hooks/a"))
+        .await
+        .unwrap();
+    hooks
+        .register("t5", &format!("{base}/hooks/b"))
+        .await
+        .unwrap();
+    hooks.on_final(&task("t4", TaskState::Succeeded)).await;
+    assert_eq!(rx.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+    hooks.close().await;
+    let first_id = header(&rx.hits()[0], "x-taskwire-delivery").to_string();
+    let before = rx.hits().len();
+
+    // The receiver recovers; a new process on the same directory sends the
+    // pending delivery (same id) and still knows t5's webhook.
+    rx.script.lock().unwrap().clear();
+    let hooks = Webhooks::start(s, store, Clock::new()).await.unwrap();
+    hooks.on_final(&task("t5", TaskState::Cancelled)).await;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        seen = rx
+            .hits()
+            .iter()
+            .map(|h| {
+                serde_json::from_str::<serde_json::Value>(&h.body).unwrap()["task"]["id"].clone()
+            })
+            .collect::<Vec<_>>();
+        if seen.contains(&"t5".into()) && seen[before..].contains(&"t4".into()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen.contains(&"t5".into()), "{seen:?}");
+    let t4: Vec<Hit> = rx
+        .hits()
+        .into_iter()
+        .filter(|h| h.body.contains("\"id\":\"t4\""))
+        .collect();
+    assert!(t4.len() >= 2);
+    assert!(
+        seen[before..].contains(&"t4".into()),
+        "t4 not sent again after the restart"
+    );
+    assert!(t4
+        .iter()
+        .all(|h| header(h, "x-taskwire-delivery") == first_id));
+    pending_drops_to_zero(&hooks).await;
+    hooks.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_delivery_is_given_up_after_give_up_s() {
+    let (rx, base) = Receiver::start(&[500; 10_000]).await;
+    let mut s = settings(&base);
+    s.give_up_s = 1;
+    s.retry_initial_ms = 50;
+    s.retry_max_ms = 200;
+    let hooks = Webhooks::start(s, DeliveryStore::Memory, Clock::new())
+        .await
+        .unwrap();
+    hooks
+        .register("t6", &format!("{base}/hooks/x"))
+        .await
+        .unwrap();
+    hooks.on_final(&task("t6", TaskState::Failed)).await;
+    pending_drops_to_zero_within(&hooks, Duration::from_secs(4)).await;
+    let hits = rx.hits();
+    assert!(hits.len() >= 3, "{} attempts", hits.len());
+    let span = hits.last().unwrap().at - hits[0].at;
+    // The last attempt is at the give-up time, not after it.
+    assert!(
+        span >= Duration::from_millis(900) && span < Duration::from_millis(2500),
+        "{span:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(rx.hits().len(), hits.len(), "attempts after giving up");
+    hooks.close().await;
+}
+
+async fn pending_drops_to_zero_within(hooks: &Webhooks, within: Duration) {
+    let deadline = Instant::now() + within;
+    while hooks.pending().await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "not given up in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With Redis (skipped when `redis-server` is not installed): a hook
+/// registered through one process is delivered once when another commits
+/// the final state, and both run a delivery loop on the same queue.
+#[tokio::test]
+async fn redis_shares_registrations_and_deliveries_between_processes() {
+    let Some(redis) = RedisServer::start() else {
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    };
+    let (rx, base) = Receiver::start(&[500]).await;
+    let store = DeliveryStore::Redis(redis.url());
+    let a = Webhooks::start(settings(&base), store.clone(), Clock::new())
+        .await
+        .unwrap();
+    let b = Webhooks::start(settings(&base), store, Clock::new())
+        .await
+        .unwrap();
+    a.register("t7", &format!("{base}/hooks/x")).await.unwrap();
+    b.on_final(&task("t7", TaskState::Succeeded)).await;
+    a.on_final(&task("t7", TaskState::Succeeded)).await;
+    let hits = rx.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(hits.len(), 2);
+    assert_eq!(
+        header(&hits[0], "x-taskwire-delivery"),
+        header(&hits[1], "x-taskwire-delivery")
+    );
+    pending_drops_to_zero(&a).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.hits().len(), 2);
+    a.close().await;
+    b.close().await;
+}
+
+/// A `redis-server` of our own on a free port, killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> Option<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(RedisServer { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
