@@ -57,7 +57,7 @@ outline:1px solid var(--_border);outline-offset:-1px}
 .task[data-state=failed] .message{font-size:1em}
 .eta{margin-left:auto;font-variant-numeric:tabular-nums}
 .status:empty,.empty:empty,.eta:empty,.message:empty{display:none}
-.status,.empty{margin:0 0 var(--_gap)}
+.status,.empty{margin:0 0 var(--_gap);background:var(--_bg);border-radius:var(--_radius);padding:.2em .4em}
 .cancel{font:inherit;font-size:.9em;color:var(--_fg);background:var(--_bg);border:1px solid var(--_border);
 border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start}
 .cancel:focus-visible{outline:2px solid var(--_accent);outline-offset:2px}
