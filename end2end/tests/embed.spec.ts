@@ -107,6 +107,11 @@ class HostApp {
         .filter((k) => url.searchParams.has(k))
         .map((k) => ` ${k}="${url.searchParams.get(k)}"`)
         .join('');
+      // `?token=` gives the element a fixed token instead of `token-url`.
+      const fixed = url.searchParams.get('token');
+      const source = fixed
+        ? `token="${fixed}"`
+        : `token-url="${tokenUrl.pathname}${tokenUrl.search}"`;
       const tw = new URL(this.tw);
       res.writeHead(200, {
         'content-type': 'text/html; charset=utf-8',
@@ -120,7 +125,7 @@ class HostApp {
 <html lang="en"><head><meta charset="utf-8"><title>Host app</title>
 <script src="${this.tw}/embed.js" defer></script></head>
 <body><main><h1>Your exports</h1>
-<taskwire-progress server="${this.tw}" token-url="${tokenUrl.pathname}${tokenUrl.search}"${attrs}></taskwire-progress>
+<taskwire-progress server="${this.tw}" ${source}${attrs}></taskwire-progress>
 </main></body></html>`);
       return;
     }
@@ -188,8 +193,24 @@ test.beforeEach(async ({ page }) => {
   });
 });
 
-/** `POST /api/v1/tasks` with the API key: the new task. */
-async function startTask(owner: string, durationMs: number, steps: number): Promise<Task> {
+/** `POST /api/v1/tokens` with the API key: `{watch_token, expires_ms}`. */
+async function newToken(body: Record<string, unknown>): Promise<{ watch_token: string; expires_ms: number }> {
+  const res = await fetch(`${server!.url}/api/v1/tokens`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  const text = await res.text();
+  expect(res.status, `POST /api/v1/tokens: ${text}`).toBe(201);
+  return JSON.parse(text);
+}
+
+/** `POST /api/v1/tasks` with the API key: the new task and its watch token. */
+async function startTaskWithToken(
+  owner: string,
+  durationMs: number,
+  steps: number,
+): Promise<{ task: Task; token: string }> {
   const res = await fetch(`${server!.url}/api/v1/tasks`, {
     method: 'POST',
     headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
@@ -199,7 +220,11 @@ async function startTask(owner: string, durationMs: number, steps: number): Prom
   expect(res.status, `POST /api/v1/tasks: ${text}`).toBe(201);
   const body = JSON.parse(text);
   expect(typeof body.watch_token).toBe('string');
-  return body.task as Task;
+  return { task: body.task as Task, token: body.watch_token };
+}
+
+async function startTask(owner: string, durationMs: number, steps: number): Promise<Task> {
+  return (await startTaskWithToken(owner, durationMs, steps)).task;
 }
 
 function element(page: Page): Locator {
@@ -426,4 +451,59 @@ test('cancel: allowed by a token with `cancel`, refused (forbidden) by one witho
   await expect(taskOf(page, first.id)).toHaveAttribute('data-state', 'cancelled');
   await expect(taskOf(page, first.id).locator('button[part~="cancel"]')).toHaveCount(0);
   await expect(taskOf(page, first.id).locator('[part~="state"]')).toHaveText('cancelled');
+});
+
+test('a fixed task token shows that one task; when it expires the element waits for a new `token`', async ({
+  page,
+}) => {
+  const { task, token } = await startTaskWithToken('alice', 1_500, 10);
+  await openHost(page, 'alice', `&token=${encodeURIComponent(token)}`);
+  await watchToTheEnd(page, task.id);
+  // Another task of the same owner is outside a task token's scope.
+  const other = await startTask('alice', 1_000, 10);
+  await page.waitForTimeout(1_500);
+  await expect(taskOf(page, other.id)).toHaveCount(0);
+  await expect(element(page).locator('li[part~="task"]')).toHaveCount(1);
+
+  // A 2 s token, never renewed: the server says `unauthorized` and closes
+  // (1008); a fixed token cannot be renewed by the element, so it waits.
+  const short = await newToken({ task: other.id, ttl_s: 2 });
+  const tokenRequests = host!.tokenRequests.length;
+  await openHost(page, 'alice', `&token=${encodeURIComponent(short.watch_token)}`);
+  await expect(taskOf(page, other.id)).toHaveAttribute('data-state', 'succeeded');
+  await expect(status(page)).toHaveAttribute('data-state', 'unauthorized', { timeout: 10_000 });
+  await expect(status(page)).toHaveText('Not authorised to watch these tasks.');
+  expect(host!.tokenRequests.length, 'no token-url to ask').toBe(tokenRequests);
+
+  // The host hands it a new token: connected again, the same task listed.
+  const fresh = await newToken({ task: other.id });
+  await element(page).evaluate((el, t) => el.setAttribute('token', t), fresh.watch_token);
+  await expect(status(page)).toHaveAttribute('data-state', 'connected');
+  await expect(taskOf(page, other.id)).toHaveAttribute('data-state', 'succeeded');
+});
+
+// Last: it restarts the server.
+test('the element reconnects (backoff with jitter) after the server restarts, and the task still reaches 100 %', async ({
+  page,
+}) => {
+  await openHost(page, 'alice');
+  const task = await startTask('alice', 8_000, 40);
+  const bar = taskOf(page, task.id).locator('[part~="bar"]');
+  await expect(bar).toHaveAttribute('aria-valuenow', /^[1-9]\d?$/, { timeout: 10_000 });
+
+  await server!.stop();
+  await expect(status(page)).toHaveAttribute('data-state', 'reconnecting');
+  await expect(status(page)).toHaveText('Connection lost, reconnecting…');
+  await server!.start();
+  await expect(status(page)).toHaveAttribute('data-state', 'connected', { timeout: 40_000 });
+  await watchToTheEnd(page, task.id);
+
+  const log = await events(page);
+  const waits = log.states.filter((s) => s.state === 'reconnecting');
+  expect(waits.length).toBeGreaterThan(0);
+  for (const w of waits) {
+    expect(w.delay_ms as number).toBeGreaterThanOrEqual(0);
+    expect(w.delay_ms as number).toBeLessThanOrEqual(30_000);
+  }
+  expectSeqRises(log.tasks, task.id);
 });
