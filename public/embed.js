@@ -320,7 +320,12 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
       const sse = mode === 'sse' || (mode === 'auto' && this._useSse);
       if (sse && typeof EventSource !== 'function') return this._retry(false, 'no EventSource');
       this._transport = sse ? 'sse' : 'ws';
-      const url = new URL(sse ? 'sse' : 'ws', this._base());
+      let url;
+      try {
+        url = new URL(sse ? 'sse' : 'ws', this._base());
+      } catch {
+        return this._setState('idle', { reason: 'bad server attribute' });
+      }
       url.searchParams.set('token', this._token);
       if (sse) this._openSse(url, gen);
       else {
@@ -354,8 +359,10 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
           this._wsFails = 0;
         }
         if (msg.type === 'error' && msg.code === 'unauthorized') {
-          // Expired or refused refresh: the server closes with 1008 next.
+          // Expiry (the server closes with 1008 next) or a refused refresh:
+          // with a token-url, reconnect with a fresh token at once.
           this._needToken = true;
+          if (this.hasAttribute('token-url')) ws.close(1000);
         }
         this._onMessage(msg);
       };
@@ -496,11 +503,11 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
       }
       const at = typeof t.updated_ms === 'number' && t.updated_ms > 0 ? t.updated_ms : now;
       const s = e.samples;
-      const last = s[s.length - 1];
-      if (last && (t.done < last.done || at < last.at)) s.length = 0;
-      if (!last || t.done !== last.done) s.push({ at, done: t.done });
+      let last = s[s.length - 1];
+      if (last && (t.done < last.done || at < last.at)) s.length = last = 0;
+      if (!last || t.done !== last.done) s.push({ at, now, done: t.done });
       // The last minute, at most 20 samples.
-      while (s.length > 20 || (s.length > 2 && s[s.length - 1].at - s[0].at > 60000)) s.shift();
+      while (s.length > 20 || (s.length > 2 && s[s.length - 1].now - s[0].now > 60000)) s.shift();
     }
 
     _eta(e) {
@@ -509,7 +516,8 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
       if (t.state !== 'running' || s.length < 2 || !(t.total > t.done)) return '';
       const first = s[0];
       const last = s[s.length - 1];
-      const rate = (last.done - first.done) / (last.at - first.at); // per ms
+      // Per ms, by the backend's clock; by ours if it gave no distinct times.
+      const rate = (last.done - first.done) / (last.at - first.at || last.now - first.now);
       if (!(rate > 0)) return '';
       const left = (t.total - last.done) / rate - (Date.now() - e.at);
       return `about ${duration(Math.max(0, left))} left`;

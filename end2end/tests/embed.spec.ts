@@ -343,6 +343,8 @@ test('a task started over the API rises to 100 % and succeeded in the owner\'s e
 
   // The list's accessibility, shadow DOM included (default colours).
   await expectNoAxeViolations(page, 'the embedded element with a finished task');
+  await element(page).evaluate((el) => el.setAttribute('theme', 'dark'));
+  await expectNoAxeViolations(page, 'the embedded element, theme="dark"');
 });
 
 test('with WebSockets blocked the element falls back to Server-Sent Events and still reaches 100 %', async ({
