@@ -358,12 +358,6 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
           clearTimeout(this._watchdog);
           this._wsFails = 0;
         }
-        if (msg.type === 'error' && msg.code === 'unauthorized') {
-          // Expiry (the server closes with 1008 next) or a refused refresh:
-          // with a token-url, reconnect with a fresh token at once.
-          this._needToken = true;
-          if (this.hasAttribute('token-url')) ws.close(1000);
-        }
         this._onMessage(msg);
       };
       ws.onclose = (e) => {
@@ -442,6 +436,13 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
           if (msg.task) this._upsert(msg.task);
           break;
         case 'error':
+          if (msg.code === 'unauthorized') {
+            // Expiry (the server then closes: 1008, or the end of the event
+            // stream) or a refused refresh: with a token-url, reconnect with
+            // a fresh token at once.
+            this._needToken = true;
+            if (this._ws && this.hasAttribute('token-url')) this._ws.close(1000);
+          }
           if (msg.ref && msg.ref.startsWith('tw-cancel-')) this._cancelRefused(msg);
           this._emit('taskwire-error', { code: msg.code, message: msg.message, ref: msg.ref ?? null });
           break;

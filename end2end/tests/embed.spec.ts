@@ -484,6 +484,17 @@ test('a fixed task token shows that one task; when it expires the element waits 
   await expect(taskOf(page, other.id)).toHaveAttribute('data-state', 'succeeded');
 });
 
+test('over Server-Sent Events too, an expired fixed token ends in `unauthorized`', async ({ page }) => {
+  const task = await startTask('alice', 1_000, 10);
+  const short = await newToken({ task: task.id, ttl_s: 2 });
+  await openHost(page, 'alice', `&transport=sse&token=${encodeURIComponent(short.watch_token)}`);
+  await expect(status(page)).toHaveAttribute('data-transport', 'sse');
+  await expect(taskOf(page, task.id)).toHaveCount(1);
+  await expect(status(page)).toHaveAttribute('data-state', 'unauthorized', { timeout: 10_000 });
+  const log = await events(page);
+  expect(log.states.filter((s) => s.state === 'reconnecting')).toEqual([]);
+});
+
 // Last: it restarts the server.
 test('the element reconnects (backoff with jitter) after the server restarts, and the task still reaches 100 %', async ({
   page,
