@@ -166,6 +166,10 @@ impl Application {
                 (engine, Vec::new(), worker, listener)
             }
         };
+        let mut engine = engine;
+        if let Some(settings) = config.webhooks.clone() {
+            engine.set_webhooks(start_webhooks(&config, settings, clock).await?);
+        }
 
         let tcp =
             TcpListener::bind(config.listen)
@@ -321,6 +325,9 @@ impl Application {
         .await;
         // The durable store's last checkpoint, whatever the wait above.
         self.state.engine.close().await;
+        if let Some(hooks) = self.state.engine.webhooks() {
+            hooks.close().await;
+        }
         result
     }
 
@@ -495,4 +502,30 @@ fn build_auth(config: &Config) -> Result<auth::Auth, StartupError> {
         keys: auth::ApiKeys::new(config.api_keys.clone()),
         signer,
     })
+}
+
+/// The webhooks' delivery loop, its store beside the engine's truth: the
+/// Redis engine's Redis, the durable file's directory, or memory with
+/// `--ephemeral`. Every kind's webhook must pass the allow-list.
+async fn start_webhooks(
+    config: &Config,
+    settings: webhook::WebhookSettings,
+    clock: Clock,
+) -> Result<webhook::Webhooks, StartupError> {
+    let store = match (&config.redis, config.ephemeral) {
+        (Some(url), _) => webhook::DeliveryStore::Redis(url.clone()),
+        (None, true) => webhook::DeliveryStore::Memory,
+        (None, false) => webhook::DeliveryStore::File(config.data_dir.clone()),
+    };
+    let hooks = webhook::Webhooks::start(settings, store, clock)
+        .await
+        .map_err(|e| StartupError::Config(format!("webhooks: {e}")))?;
+    for kind in &config.kinds {
+        if let Some(url) = &kind.webhook {
+            hooks.check_url(url).map_err(|e| {
+                StartupError::Config(format!("[[kind]] `{}`: webhook: {e}", kind.info.name))
+            })?;
+        }
+    }
+    Ok(hooks)
 }

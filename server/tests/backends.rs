@@ -58,6 +58,7 @@ fn kind(name: &str, backend: usize, remote: &str) -> KindSpec {
         info,
         backend,
         remote: remote.into(),
+        webhook: None,
     }
 }
 

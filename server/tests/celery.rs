@@ -586,6 +586,7 @@ async fn a_celery_kind_runs_to_100_percent_through_taskwire() {
         },
         backend: 0,
         remote: "tasks.count".into(),
+        webhook: None,
     }];
     let app = common::TestApp::spawn(config).await;
     let mut c = app.client().await;

@@ -459,3 +459,128 @@ async fn every_tab_of_a_session_sees_a_task_started_in_another() {
     assert_eq!(finals.last().unwrap().state, TaskState::Succeeded);
     app.stop().await;
 }
+
+/// A receiver of webhooks on port 0: answers 500 to the first `fail` POSTs.
+async fn receiver(
+    fail: usize,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>,
+) {
+    use axum::routing::post;
+    let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/hooks/{*rest}",
+        post(move |headers: axum::http::HeaderMap, body: String| {
+            let h = h.clone();
+            async move {
+                let mut hits = h.lock().unwrap();
+                hits.push((headers, body));
+                if hits.len() <= fail {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", tcp.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(tcp, app).await });
+    (base, hits)
+}
+
+#[tokio::test]
+async fn webhooks_of_api_tasks_and_of_kinds_are_signed_and_retried() {
+    let (base, hits) = receiver(2).await;
+    let mut config = Config::for_tests();
+    config.poll_interval_ms = 50;
+    config.api_keys = vec![key("shop", SHOP_KEY)];
+    config.webhooks = Some(server::webhook::WebhookSettings {
+        secret: "hook-secret-0123456789".into(),
+        allow: vec![format!("{base}/hooks/")],
+        retry_initial_ms: 20,
+        retry_max_ms: 50,
+        ..Default::default()
+    });
+    let simulate = server::config::file::KindSpec {
+        info: app::kinds::simulate_kind(),
+        backend: 0,
+        remote: "simulate".into(),
+        webhook: Some(format!("{base}/hooks/kind")),
+    };
+    config.kinds = vec![simulate];
+    let app = TestApp::spawn(config).await;
+    let api = Api::new(&app);
+    let (status, body) = api
+        .call("POST", "/api/v1/tasks", Some(SHOP_KEY), Some(json!({"kind": "simulate", "owner": "o",
+            "params": {"duration_ms": 200, "steps": 2}, "webhook": "http://127.0.0.1:1/elsewhere"})))
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_params")),
+        "{body}"
+    );
+    let (status, body) = api
+        .call("POST", "/api/v1/tasks", Some(SHOP_KEY), Some(json!({"kind": "simulate", "owner": "o",
+            "params": {"duration_ms": 200, "steps": 2}, "webhook": format!("{base}/hooks/api?x=1")})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["task"]["id"].as_str().unwrap().to_string();
+    // Failed twice, then delivered: three POSTs with one delivery id.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while hits.lock().unwrap().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "webhook not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = hits.lock().unwrap().clone();
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|(h, _)| h["x-taskwire-delivery"].to_str().unwrap())
+        .collect();
+    assert!(ids.iter().all(|d| *d == ids[0]), "{ids:?}");
+    let (headers, body) = &got[2];
+    let sent: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (sent["type"].as_str(), sent["task"]["id"].as_str()),
+        (Some("task"), Some(id.as_str()))
+    );
+    assert_eq!(sent["task"]["state"], "succeeded");
+    use hmac::Mac;
+    let ts = headers["x-taskwire-timestamp"].to_str().unwrap();
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(b"hook-secret-0123456789").unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        headers["x-taskwire-signature"].to_str().unwrap(),
+        format!("sha256={hex}")
+    );
+    // A browser's task of a kind with a webhook: delivered too.
+    let mut browser = app.client().await;
+    let t = browser
+        .start("r1", json!({"duration_ms": 200, "steps": 2}))
+        .await;
+    browser.until_final(&t.id).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = hits.lock().unwrap().iter().any(|(_, b)| b.contains(&t.id));
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kind webhook not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}

@@ -210,6 +210,7 @@ fn kind(name: &str, backend: usize) -> KindSpec {
         info,
         backend,
         remote: "simulate".into(),
+        webhook: None,
     }
 }
 

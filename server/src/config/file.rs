@@ -31,6 +31,8 @@ pub struct FileConfig {
     #[serde(default, rename = "api_key")]
     pub api_keys: Vec<toml::Spanned<RawApiKey>>,
     pub tokens: Option<toml::Spanned<RawTokens>>,
+    /// Checked as [`crate::webhook::WebhookSettings`] once `${VAR}` is expanded.
+    pub webhooks: Option<toml::Spanned<toml::Table>>,
 }
 
 /// One `[[api_key]]`: a key of the server API (docs/embedding.md).
@@ -108,6 +110,8 @@ pub struct RawKind {
     /// sent to the task service (default: the kind's own name).
     pub task: Option<String>,
     pub params: Option<Schema>,
+    /// A webhook for every task of this kind (one from the server API wins).
+    pub webhook: Option<String>,
 }
 
 /// How taskwire talks to one backend.
@@ -157,6 +161,8 @@ pub struct KindSpec {
     /// What the backend is asked to run (the Celery task name; else the
     /// kind's own name).
     pub remote: String,
+    /// Where every final state of this kind's tasks is POSTed (contract §4).
+    pub webhook: Option<String>,
 }
 
 /// How a backend is polled: its cadence, limits, timeout and give-up. The
@@ -180,6 +186,7 @@ pub struct Loaded {
     pub kinds: Vec<KindSpec>,
     pub api_keys: Vec<crate::auth::ApiKey>,
     pub tokens: Option<TokensSpec>,
+    pub webhooks: Option<crate::webhook::WebhookSettings>,
 }
 
 /// Reads and checks the file at `path`; `env` looks a variable up.
@@ -250,6 +257,12 @@ pub fn parse(
             },
             backend,
             remote,
+            webhook: k
+                .webhook
+                .as_deref()
+                .map(|w| expand(w, env))
+                .transpose()
+                .map_err(|e| format!("{at}: webhook: {e}"))?,
         });
     }
     let mut api_keys: Vec<crate::auth::ApiKey> = Vec::new();
@@ -302,12 +315,34 @@ pub fn parse(
             })
         }
     };
+    let webhooks = match &raw.webhooks {
+        None => None,
+        Some(t) => {
+            let at = format!("[webhooks] (line {})", line_of(t.span()));
+            let mut table = t.get_ref().clone();
+            expand_table(&mut table, env).map_err(|e| format!("{at}: {e}"))?;
+            let settings: crate::webhook::WebhookSettings = toml::Value::Table(table)
+                .try_into()
+                .map_err(|e| format!("{at}: {e}"))?;
+            settings.validate().map_err(|e| format!("{at}: {e}"))?;
+            Some(settings)
+        }
+    };
+    if let Some(k) = kinds.iter().find(|k| k.webhook.is_some()) {
+        if webhooks.is_none() {
+            return Err(format!(
+                "[[kind]] `{}`: webhook: needs a [webhooks] table (its secret and allow-list)",
+                k.info.name
+            ));
+        }
+    }
     Ok(Loaded {
         server: raw.server,
         backends,
         kinds,
         api_keys,
         tokens,
+        webhooks,
     })
 }
 
@@ -587,6 +622,48 @@ params = { type = "object", properties = { n = { type = "integer", minimum = 1, 
         let schema = l.kinds[0].info.params.as_ref().unwrap();
         let names: Vec<&str> = schema.properties.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["duration_ms", "steps"], "in the file's order");
+    }
+
+    #[test]
+    fn keys_tokens_and_webhooks_of_the_host_api() {
+        let text = r#"
+[[api_key]]
+name = "shop"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+[tokens]
+secrets = ["${JOBS_TOKEN}-0123456789abcdef", "an-older-secret-0123"]
+default_ttl_s = 60
+
+[webhooks]
+secret = "${JOBS_TOKEN}-webhook-secret"
+allow = ["http://127.0.0.1:9000/hooks/"]
+timeout_ms = 1000
+"#;
+        let l = parse(text, &defaults(), &env).unwrap();
+        assert_eq!(&*l.api_keys[0].name, "shop");
+        assert_eq!(l.api_keys[0].sha256[0], 0x9f);
+        let tokens = l.tokens.unwrap();
+        assert_eq!(tokens.secrets[0], "s3cret-0123456789abcdef");
+        assert_eq!(tokens.default_ttl_s, Some(60));
+        let hooks = l.webhooks.unwrap();
+        assert_eq!(hooks.secret, "s3cret-webhook-secret");
+        assert_eq!(hooks.timeout_ms, 1000);
+        assert_eq!(hooks.retry_initial_ms, 1000, "a default");
+        let e = err("[[api_key]]\nname = \"shop\"\nsha256 = \"abc\"\n");
+        assert!(e.contains("[[api_key]] #1 (line 1): sha256"), "{e}");
+        let e = err("[tokens]\nsecrets = [\"short\"]\n");
+        assert!(
+            e.contains("[tokens] (line 1): secrets: #1 is shorter"),
+            "{e}"
+        );
+        let e = err(
+            "[webhooks]\nallow = [\"http://h/\"]\nsecret = \"0123456789abcdefgh\"\ntimout_ms = 1\n",
+        );
+        assert!(
+            e.contains("[webhooks] (line 1)") && e.contains("timout_ms"),
+            "{e}"
+        );
     }
 
     fn err(text: &str) -> String {

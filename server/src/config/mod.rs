@@ -142,6 +142,10 @@ pub struct Config {
     #[arg(long, env = "TASKWIRE_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
 
+    /// Webhooks (`[webhooks]` in the file): secret, allow-list, retries.
+    #[arg(skip)]
+    pub webhooks: Option<crate::webhook::WebhookSettings>,
+
     /// A watch token's lifetime when the caller asks none (`[tokens] default_ttl_s`).
     #[arg(skip = crate::auth::DEFAULT_TOKEN_TTL_S)]
     pub token_ttl_s: u64,
@@ -391,6 +395,7 @@ impl Config {
         self.backends = loaded.backends;
         self.kinds = loaded.kinds;
         self.api_keys = loaded.api_keys;
+        self.webhooks = loaded.webhooks;
         if let Some(tokens) = loaded.tokens {
             self.token_secrets = tokens.secrets;
             if let Some(ttl) = tokens.default_ttl_s {
@@ -418,6 +423,7 @@ impl Config {
             let info = app::kinds::simulate_kind();
             self.kinds.push(KindSpec {
                 remote: info.name.clone(),
+                webhook: None,
                 info,
                 backend: 0,
             });

@@ -28,6 +28,8 @@ pub struct Target<'a> {
     pub remote: &'a str,
     /// The kind's params, checked before the backend is asked.
     pub schema: Option<&'a Schema>,
+    /// The kind's webhook, from the configuration.
+    pub webhook: Option<&'a str>,
 }
 
 /// Every backend and kind. Cheap to clone.
@@ -88,6 +90,7 @@ impl Backends {
                 slot: 0,
                 remote: kind,
                 schema: None,
+                webhook: None,
             });
         }
         let k = self
@@ -108,6 +111,7 @@ impl Backends {
             slot: k.backend,
             remote: &k.remote,
             schema: k.info.params.as_ref(),
+            webhook: k.webhook.as_deref(),
         })
     }
 

@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod backends;
 pub mod fanout;
+pub mod finals;
 pub mod memory;
 pub mod pipeline;
 pub mod redis;
@@ -43,6 +44,8 @@ pub struct Engine {
     backends: Backends,
     clock: Clock,
     imp: Imp,
+    /// Webhooks, when configured (contract section 4).
+    hooks: Option<crate::webhook::Webhooks>,
 }
 
 /// Which engine runs: chosen once, by `Application::build`.
@@ -150,7 +153,23 @@ impl Engine {
             backends,
             clock,
             imp,
+            hooks: None,
         }
+    }
+
+    /// Turns webhooks on: tasks may name one (or their kind does), and
+    /// every final state committed goes to it.
+    pub fn set_webhooks(&mut self, hooks: crate::webhook::Webhooks) {
+        match &self.imp {
+            Imp::Memory(m) => m.table.finals.set(hooks.clone()),
+            Imp::Redis(r) => r.finals.set(hooks.clone()),
+        }
+        self.hooks = Some(hooks);
+    }
+
+    /// The webhooks, when configured (to close them at shutdown).
+    pub fn webhooks(&self) -> Option<&crate::webhook::Webhooks> {
+        self.hooks.as_ref()
     }
 
     /// The kinds a client may start (empty: any, to the one backend).
@@ -234,8 +253,11 @@ impl Engine {
     }
 
     /// Whether a task may have `url` as its webhook.
-    pub fn check_webhook(&self, _url: &str) -> Result<(), String> {
-        Err("this server has no [webhooks] allow-list".into())
+    pub fn check_webhook(&self, url: &str) -> Result<(), String> {
+        match &self.hooks {
+            Some(hooks) => hooks.check_url(url),
+            None => Err("this server has no [webhooks] allow-list".into()),
+        }
     }
 
     /// An owner's session (tasks started over the server API): made here
@@ -284,7 +306,7 @@ impl Engine {
         kind: &str,
         params: serde_json::Value,
     ) -> Result<(), Refused> {
-        let result = self.start_task(&conn.session, kind, params).await;
+        let result = self.start_task(&conn.session, kind, params, None).await;
         self.release(&conn.session, ticket).await;
         self.fanout.accepted(conn, reference, &result?);
         Ok(())
@@ -301,11 +323,7 @@ impl Engine {
         params: serde_json::Value,
         webhook: Option<&str>,
     ) -> Result<Task, Refused> {
-        if let Some(url) = webhook {
-            self.check_webhook(url)
-                .map_err(|e| Refused::new(ErrorCode::InvalidParams, format!("webhook: {e}")))?;
-        }
-        let result = self.start_task(session, kind, params).await;
+        let result = self.start_task(session, kind, params, webhook).await;
         self.release(session, ticket).await;
         let task = result?;
         self.fanout.apply(session, &task);
@@ -320,6 +338,7 @@ impl Engine {
         session: &Arc<str>,
         kind: &str,
         params: serde_json::Value,
+        webhook: Option<&str>,
     ) -> Result<Task, Refused> {
         let target = self.backends.target(kind)?;
         if let Some(schema) = target.schema {
@@ -333,6 +352,22 @@ impl Engine {
         }
         let slot = self.backends.slot(target.slot);
         let task = new_task(kind, Some(params), self.clock.now_ms());
+        // The webhook is known before the task can end (its first poll is due
+        // as soon as it is recorded).
+        if let Some(url) = webhook.or(target.webhook) {
+            let hooks = self.hooks.as_ref().ok_or_else(|| {
+                Refused::new(
+                    ErrorCode::InvalidParams,
+                    "webhook: this server has no [webhooks] allow-list",
+                )
+            })?;
+            hooks.register(&task.id, url).await.map_err(|e| match e {
+                crate::webhook::WebhookError::Url(why) => {
+                    Refused::new(ErrorCode::InvalidParams, format!("webhook: {why}"))
+                }
+                other => Refused::new(ErrorCode::BackendUnavailable, other.to_string()),
+            })?;
+        }
         let params = task.params.as_ref().unwrap_or(&serde_json::Value::Null);
         let remote_id = slot
             .ctx

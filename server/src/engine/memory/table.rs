@@ -6,6 +6,7 @@
 use super::durable::Record;
 use crate::engine::admission::{Refusal, StartLimits, StartWindow};
 use crate::engine::fanout::Fanout;
+use crate::engine::finals::Finals;
 use crate::engine::pipeline::{next_due, Committed, TaskStore};
 use crate::task::id::{is_session_token, new_session_token};
 use crate::task::{Step, Tracked};
@@ -22,6 +23,8 @@ pub struct Table {
     /// awaits. Lock order: the table, then the fanout (never the reverse).
     state: Arc<Mutex<State>>,
     fanout: Fanout,
+    /// Told of every final state committed here (webhooks).
+    pub finals: Finals,
 }
 
 #[derive(Default)]
@@ -63,6 +66,7 @@ impl Table {
         Table {
             state: Arc::new(Mutex::new(state)),
             fanout,
+            finals: Finals::default(),
         }
     }
 
@@ -306,6 +310,9 @@ impl Table {
         if let Some(task) = outcome.next {
             t.tr.commit(task);
             self.fanout.apply(&t.session, &t.tr.task);
+            if t.tr.task.state.is_final() {
+                self.finals.reached(&t.tr.task);
+            }
         }
         let next = next_due(outcome.decision, &t.tr, due_ms, now_ms);
         if let (true, Some(dirty)) = (changed, s.dirty.as_mut()) {

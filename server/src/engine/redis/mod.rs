@@ -36,6 +36,8 @@ pub struct RedisEngine {
     backends: Backends,
     /// Each backend's delay queue, in the backends' order.
     dues: Arc<[String]>,
+    /// Told of every final state committed here (webhooks).
+    pub finals: super::finals::Finals,
 }
 
 /// An admitted start, to release once the task service answered.
@@ -55,6 +57,7 @@ impl RedisEngine {
             retention_s,
             backends: backends.clone(),
             dues,
+            finals: Default::default(),
         }
     }
 
@@ -175,10 +178,13 @@ impl RedisEngine {
                 .await?
             {
                 Saved::Done => {
+                    if changed && stored.tracked.task.state.is_final() {
+                        self.finals.reached(&stored.tracked.task);
+                    }
                     return Ok(Some(Committed {
                         next,
                         changed: changed.then(|| stored.tracked.task.clone()),
-                    }))
+                    }));
                 }
                 Saved::Gone => return Ok(None),
                 Saved::Conflict => {
