@@ -1,0 +1,163 @@
+//! `/sse` and `/ws` through a real nginx (Debian's, installed by `.ci/setup`)
+//! configured as docs/deployment.md says: events arrive one by one as they
+//! happen (no buffering), the heartbeat and the final state come through.
+
+mod common;
+
+use common::TestApp;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::time::timeout;
+
+const NGINX: &str = "/usr/sbin/nginx";
+
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: std::path::PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx in front of `upstream`, with docs/deployment.md's `/sse` location.
+fn nginx(upstream: SocketAddr) -> Nginx {
+    let dir = std::env::temp_dir().join(format!("tw-nginx-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let conf = format!(
+        r#"
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream taskwire_web {{ server {upstream}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location /sse {{
+            proxy_pass http://taskwire_web;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 120s;
+        }}
+        location / {{
+            proxy_pass http://taskwire_web;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new(NGINX)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("nginx starts (.ci/setup installs nginx-light)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn events_come_through_nginx_as_they_happen() {
+    let app = TestApp::embedded(100).await;
+    let proxy = nginx(app.addr);
+    let mut browser = app.client().await;
+    let task = browser
+        .start("r1", serde_json::json!({"duration_ms": 2000, "steps": 10}))
+        .await;
+    let began = Instant::now();
+    let mut resp = reqwest::Client::new()
+        .get(format!("http://{}/sse", proxy.addr))
+        .header("cookie", format!("taskwire_session={}", browser.session))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    // Each event as it arrives, with when it arrived.
+    let mut buf = String::new();
+    let mut arrivals: Vec<(Duration, String, Value)> = Vec::new();
+    'read: loop {
+        let chunk = timeout(Duration::from_secs(15), resp.chunk())
+            .await
+            .expect("an event within 15 s")
+            .unwrap()
+            .expect("the stream stays open");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let name = block
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or("message")
+                .to_string();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(data).unwrap();
+            let last = name == "task" && v["task"]["state"] == "succeeded";
+            arrivals.push((began.elapsed(), name, v));
+            if last {
+                break 'read;
+            }
+        }
+    }
+    assert_eq!(arrivals[0].1, "welcome");
+    let progress: Vec<&(Duration, String, Value)> = arrivals
+        .iter()
+        .filter(|(_, n, v)| n == "task" && v["task"]["id"] == task.id.as_str())
+        .collect();
+    assert!(progress.len() >= 3, "{} task events", progress.len());
+    // Unbuffered: the welcome came long before the task ended (a buffering
+    // proxy would hold it until its buffer filled or the stream closed).
+    let (welcome_at, last_at) = (arrivals[0].0, arrivals.last().unwrap().0);
+    assert!(
+        last_at > welcome_at + Duration::from_millis(1000),
+        "welcome at {welcome_at:?}, final at {last_at:?}"
+    );
+    drop(proxy);
+    app.stop().await;
+}
