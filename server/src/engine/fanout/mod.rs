@@ -276,26 +276,31 @@ impl Fanout {
         true
     }
 
-    /// A task `conn` just started: queues `accepted` to it, then subscribes
-    /// it. When a newer state got here first (its first poll was quick),
-    /// that state follows the `accepted`.
+    /// A task `conn` just started: subscribes it and queues `accepted`
+    /// with the newest state known here. Every connection of the session
+    /// is subscribed to a new task as soon as a state of it arrives (its
+    /// first poll may be quicker than the start's answer), so `conn` may
+    /// have been sent a newer `task` already: `accepted`, a reply, goes out
+    /// before any waiting update, and carrying the newest state it keeps
+    /// `seq` from going back.
     pub fn accepted(&self, conn: &Conn, reference: String, task: &Task) {
-        let accepted = ServerMsg::Accepted {
-            reference,
-            task: task.clone(),
-        };
-        conn.outbox.push_reply(accepted.to_json().into());
         // The session's other connections get it as a `task` message.
         self.apply_except(&conn.session, task, Some(conn.id));
         let mut s = self.lock();
-        if let Some(t) = s.tasks.get_mut(task.id.as_str()) {
-            if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
-                t.subscribers.push((conn.id, conn.outbox.clone()));
+        let newest = match s.tasks.get_mut(task.id.as_str()) {
+            Some(t) => {
+                if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
+                    t.subscribers.push((conn.id, conn.outbox.clone()));
+                }
+                t.task.clone()
             }
-            if t.task.seq > task.seq {
-                conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
-            }
-        }
+            None => task.clone(),
+        };
+        let accepted = ServerMsg::Accepted {
+            reference,
+            task: newest,
+        };
+        conn.outbox.push_reply(accepted.to_json().into());
     }
 
     /// The sessions held here (to read again after a feed of changes was lost).
@@ -516,7 +521,7 @@ mod tests {
         fanout.accepted(&conn, "r1".into(), &task("t1", 0, TaskState::Queued));
         let sent = frames(&conn);
         assert_eq!(sent.len(), 2, "{sent:?}");
-        assert!(sent[0].contains("\"accepted\""));
+        assert!(sent[0].contains("\"accepted\"") && sent[0].contains("\"seq\":1"));
         assert!(sent[1].contains("\"seq\":1"));
     }
 
@@ -546,5 +551,24 @@ mod tests {
         assert_eq!(frames(&b).len(), 1);
         assert!(frames(&only).is_empty());
         assert_eq!(fanout.subscribe(&only, "t1"), Err(NotFound));
+    }
+
+    #[test]
+    fn accepted_never_carries_an_older_state_than_was_sent() {
+        let fanout = Fanout::new(Clock::new());
+        let s: Arc<str> = "f".repeat(32).into();
+        fanout.hold(&s);
+        let conn = fanout.connect(s.clone(), View::Session);
+        fanout.unhold(&s);
+        frames(&conn);
+        // Two polls' states reach the session's connections (this one too)
+        // and are written out before the start's answer comes back.
+        fanout.apply(&s, &task("t1", 1, TaskState::Running));
+        fanout.apply(&s, &task("t1", 2, TaskState::Running));
+        assert_eq!(frames(&conn).len(), 1);
+        fanout.accepted(&conn, "r1".into(), &task("t1", 0, TaskState::Queued));
+        let sent = frames(&conn);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(sent[0].contains("\"accepted\"") && sent[0].contains("\"seq\":2"));
     }
 }
