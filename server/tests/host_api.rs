@@ -350,50 +350,6 @@ async fn bad_and_expired_tokens_are_refused_and_expiry_closes_with_1008() {
     app.stop().await;
 }
 
-/// Reads an event stream until `done` says so; returns the events (name, data).
-async fn sse_events(
-    resp: &mut reqwest::Response,
-    mut done: impl FnMut(&str, &Value) -> bool,
-) -> Vec<(String, Value)> {
-    let mut buf = String::new();
-    let mut events = Vec::new();
-    loop {
-        let chunk = timeout(Duration::from_secs(15), resp.chunk())
-            .await
-            .expect("an event within 15 s")
-            .unwrap()
-            .expect("the stream stays open");
-        buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let mut name = String::from("message");
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(n) = line
-                    .strip_prefix("event: ")
-                    .or_else(|| line.strip_prefix("event:"))
-                {
-                    name = n.trim().to_string();
-                } else if let Some(d) = line
-                    .strip_prefix("data: ")
-                    .or_else(|| line.strip_prefix("data:"))
-                {
-                    data.push_str(d);
-                }
-            }
-            if data.is_empty() {
-                continue; // a comment (heartbeat)
-            }
-            let value: Value = serde_json::from_str(&data).unwrap();
-            let stop = done(&name, &value);
-            events.push((name, value));
-            if stop {
-                return events;
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn server_sent_events_by_token_and_by_cookie() {
     let app = app().await;
@@ -405,15 +361,15 @@ async fn server_sent_events_by_token_and_by_cookie() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let events = sse_events(&mut resp, |name, v| {
+    let events = common::sse_events(&mut resp, |name, v| {
         name == "task" && v["task"]["state"] == "succeeded"
     })
     .await;
-    assert_eq!(events[0].0, "welcome");
-    assert_eq!(events[0].1["session"], Value::Null);
+    assert_eq!(events[0].name, "welcome");
+    assert_eq!(events[0].data["session"], Value::Null);
     assert!(events[1..]
         .iter()
-        .all(|(n, v)| n == "task" && v["task"]["id"] == id.as_str()));
+        .all(|e| e.name == "task" && e.data["task"]["id"] == id.as_str()));
     // By cookie: the session's tasks, as on the WebSocket.
     let mut browser = app.client().await;
     let t = browser
@@ -425,15 +381,15 @@ async fn server_sent_events_by_token_and_by_cookie() {
         .send()
         .await
         .unwrap();
-    let events = sse_events(&mut resp, |name, v| {
+    let events = common::sse_events(&mut resp, |name, v| {
         name == "task" && v["task"]["state"] == "succeeded"
     })
     .await;
-    assert_eq!(events[0].1["session"], browser.session.as_str());
+    assert_eq!(events[0].data["session"], browser.session.as_str());
     assert!(events
         .iter()
         .skip(1)
-        .all(|(_, v)| v["task"]["id"] == t.id.as_str()));
+        .all(|e| e.data["task"]["id"] == t.id.as_str()));
     // Another origin is not allowed by default.
     let resp = reqwest::Client::new()
         .get(format!("http://{}/sse?token={token}", app.addr))

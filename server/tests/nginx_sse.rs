@@ -5,11 +5,9 @@
 mod common;
 
 use common::TestApp;
-use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::time::timeout;
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -117,46 +115,24 @@ async fn events_come_through_nginx_as_they_happen() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    // Each event as it arrives, with when it arrived.
-    let mut buf = String::new();
-    let mut arrivals: Vec<(Duration, String, Value)> = Vec::new();
-    'read: loop {
-        let chunk = timeout(Duration::from_secs(15), resp.chunk())
-            .await
-            .expect("an event within 15 s")
-            .unwrap()
-            .expect("the stream stays open");
-        buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let name = block
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or("message")
-                .to_string();
-            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
-            };
-            let v: Value = serde_json::from_str(data).unwrap();
-            let last = name == "task" && v["task"]["state"] == "succeeded";
-            arrivals.push((began.elapsed(), name, v));
-            if last {
-                break 'read;
-            }
-        }
-    }
-    assert_eq!(arrivals[0].1, "welcome");
-    let progress: Vec<&(Duration, String, Value)> = arrivals
+    let events = common::sse_events(&mut resp, |name, v| {
+        name == "task" && v["task"]["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(events[0].name, "welcome");
+    let progress = events
         .iter()
-        .filter(|(_, n, v)| n == "task" && v["task"]["id"] == task.id.as_str())
-        .collect();
-    assert!(progress.len() >= 3, "{} task events", progress.len());
+        .filter(|e| e.name == "task" && e.data["task"]["id"] == task.id.as_str())
+        .count();
+    assert!(progress >= 3, "{progress} task events");
     // Unbuffered: the welcome came long before the task ended (a buffering
     // proxy would hold it until its buffer filled or the stream closed).
-    let (welcome_at, last_at) = (arrivals[0].0, arrivals.last().unwrap().0);
+    let (welcome_at, last_at) = (events[0].at, events.last().unwrap().at);
     assert!(
         last_at > welcome_at + Duration::from_millis(1000),
-        "welcome at {welcome_at:?}, final at {last_at:?}"
+        "welcome at {:?}, final at {:?}",
+        welcome_at - began,
+        last_at - began
     );
     drop(proxy);
     app.stop().await;

@@ -123,6 +123,17 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("request body: {e}")))
 }
 
+/// A write's key (named in the request's span) and its JSON body.
+fn keyed<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    bytes: &Bytes,
+) -> ApiResult<(Arc<str>, T)> {
+    let key = key_of(state, headers)?;
+    tracing::Span::current().record("key", &*key);
+    Ok((key, body(bytes)?))
+}
+
 fn owner_checked(owner: &str) -> ApiResult<()> {
     check_owner(owner).map_err(|e| ApiError::new(ErrorCode::BadRequest, e))
 }
@@ -148,9 +159,7 @@ async fn start(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> ApiResult<Response> {
-    let key = key_of(&state, &headers)?;
-    tracing::Span::current().record("key", &*key);
-    let req: StartBody = body(&bytes)?;
+    let (key, req): (_, StartBody) = keyed(&state, &headers, &bytes)?;
     owner_checked(&req.owner)?;
     if req.kind.is_empty() || req.kind.len() > app::protocol::MAX_ID_BYTES {
         return Err(ApiError::new(
@@ -306,9 +315,7 @@ async fn token(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> ApiResult<Response> {
-    let key = key_of(&state, &headers)?;
-    tracing::Span::current().record("key", &*key);
-    let req: TokenBody = body(&bytes)?;
+    let (key, req): (_, TokenBody) = keyed(&state, &headers, &bytes)?;
     let ttl_s = req.ttl_s.unwrap_or(state.config.token_ttl_s);
     if !(1..=MAX_TOKEN_TTL_S).contains(&ttl_s) {
         return Err(ApiError::new(

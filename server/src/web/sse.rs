@@ -7,7 +7,7 @@
 //! `--allowed-origins` may read it (CORS, no credentials).
 
 use super::session::Session;
-use super::ws::{origin_allowed, TokenQuery, Watcher};
+use super::ws::{TokenQuery, Watcher};
 use crate::engine::fanout::{Conn, Next};
 use crate::engine::Engine;
 use crate::metrics as m;
@@ -33,15 +33,9 @@ pub async fn handler(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !origin_allowed(&headers, &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    let watcher = match Watcher::identify(&state, &query, session.map(|Extension(s)| s)) {
-        Ok(watcher) => watcher,
+    let (watcher, permit) = match Watcher::admit(&state, &query, session, &headers) {
+        Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
-    };
-    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
     let conn = match state.engine.connect(watcher.session, watcher.view).await {
         Ok(conn) => Arc::new(conn),

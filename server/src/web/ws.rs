@@ -52,6 +52,28 @@ pub struct Watcher {
 }
 
 impl Watcher {
+    /// What `/ws` and `/sse` check before anything else: the Origin rule,
+    /// the token or cookie, and a connection permit (a full server answers
+    /// plain HTTP 503).
+    pub fn admit(
+        state: &AppState,
+        query: &TokenQuery,
+        session: Option<Extension<Session>>,
+        headers: &HeaderMap,
+    ) -> Result<(Watcher, OwnedSemaphorePermit), (StatusCode, String)> {
+        if !origin_allowed(headers, &state.config.allowed_origins) {
+            return Err((StatusCode::FORBIDDEN, "origin not allowed".into()));
+        }
+        let watcher = Watcher::identify(state, query, session.map(|Extension(s)| s))?;
+        let permit = state.connections.clone().try_acquire_owned().map_err(|_| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections".into(),
+            )
+        })?;
+        Ok((watcher, permit))
+    }
+
     pub fn identify(
         state: &AppState,
         query: &TokenQuery,
@@ -83,16 +105,10 @@ pub async fn handler(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !origin_allowed(&headers, &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    let watcher = match Watcher::identify(&state, &query, session.map(|Extension(s)| s)) {
-        Ok(watcher) => watcher,
+    // Refused before the upgrade: plain HTTP answers.
+    let (watcher, permit) = match Watcher::admit(&state, &query, session, &headers) {
+        Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
-    };
-    // Refused before the upgrade: a full server answers plain HTTP.
-    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
     let max = state.config.limits.max_message_bytes as usize;
     // Client frames and our updates are small: a 128 KiB buffer per

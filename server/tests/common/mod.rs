@@ -344,3 +344,51 @@ impl Drop for SimProcess {
         self.kill();
     }
 }
+
+/// One Server-Sent Event: its name, its data (JSON) and when it arrived.
+#[derive(Debug)]
+pub struct SseEvent {
+    pub name: String,
+    pub data: serde_json::Value,
+    pub at: std::time::Instant,
+}
+
+/// Reads an event stream (comments skipped) until `done` says so.
+pub async fn sse_events(
+    resp: &mut reqwest::Response,
+    mut done: impl FnMut(&str, &serde_json::Value) -> bool,
+) -> Vec<SseEvent> {
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    loop {
+        let chunk = tokio::time::timeout(RECV_TIMEOUT, resp.chunk())
+            .await
+            .expect("an event within the timeout")
+            .unwrap()
+            .expect("the stream stays open");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.strip_prefix(' ').unwrap_or(v).to_string())
+            };
+            let Some(data) = field("data:") else {
+                continue; // a comment (the heartbeat)
+            };
+            let name = field("event:").unwrap_or_else(|| "message".into());
+            let data: serde_json::Value = serde_json::from_str(&data).unwrap();
+            let stop = done(&name, &data);
+            events.push(SseEvent {
+                name,
+                data,
+                at: std::time::Instant::now(),
+            });
+            if stop {
+                return events;
+            }
+        }
+    }
+}
