@@ -213,6 +213,7 @@ async fn urls_outside_the_allow_list_are_refused() {
         .await
         .unwrap();
     assert!(hooks.check_url(&format!("{base}/hooks/a")).is_ok());
+    assert!(hooks.check_url("https://shop.example/hooks/a").is_ok());
     for (bad, why) in [
         (format!("{base}/admin"), "allowed prefix"),
         (format!("{base}/hooks/../admin"), ".."),
@@ -221,7 +222,7 @@ async fn urls_outside_the_allow_list_are_refused() {
             "user information",
         ),
         ("http://evil.example/hooks/".into(), "allowed prefix"),
-        ("https://shop.example/hooks/a".into(), "https"),
+        ("http://shop.example/hooks/a".into(), "allowed prefix"),
         (
             "https://shop.example.evil.com/hooks/".into(),
             "allowed prefix",
@@ -407,4 +408,141 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An https receiver: Python's http.server behind TLS with a self-signed
+/// certificate for 127.0.0.1 made by `openssl`, trusted through `ca_file`.
+#[tokio::test]
+async fn https_webhooks_are_sent_over_tls_to_a_trusted_receiver() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("tw-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A CA, and a leaf for 127.0.0.1 it signed (a self-signed CA used as
+    // the server's own certificate is rightly refused by webpki).
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    let ext = dir.join("leaf.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=taskwire test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    const RECEIVER: &str = r#"
+import http.server, json, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers['content-length']))
+        print(json.dumps({"id": self.headers['x-taskwire-delivery'], "body": body.decode()}), flush=True)
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(('127.0.0.1', 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    let mut py = Command::new("python3")
+        .arg("-c")
+        .arg(RECEIVER)
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    // Killed however the test ends (it holds the test's stderr).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _py = KillOnDrop(py);
+    let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let base = format!("https://127.0.0.1:{port}");
+    let mut s = settings(&base);
+    s.ca_file = Some(ca.display().to_string());
+    let hooks = Webhooks::start(s, DeliveryStore::Memory, Clock::new())
+        .await
+        .unwrap();
+    hooks
+        .register("t-tls", &format!("{base}/hooks/secure"))
+        .await
+        .unwrap();
+    hooks.on_final(&task("t-tls", TaskState::Succeeded)).await;
+    let line = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap()),
+    )
+    .await
+    .expect("delivered within 15 s")
+    .unwrap();
+    let got: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(got["id"].as_str().unwrap().len(), 32);
+    let body: serde_json::Value = serde_json::from_str(got["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["task"]["id"], "t-tls");
+    pending_drops_to_zero(&hooks).await;
+    hooks.close().await;
 }

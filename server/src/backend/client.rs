@@ -5,6 +5,7 @@
 //! parsed the URL, ran IDNA and walked its pool layers on every poll; this
 //! costs a fraction of that.
 
+use super::tls::TlsConnector;
 use super::BackendError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// Idle keep-alive connections kept; enough for the poll pool.
 const MAX_IDLE: usize = 1024;
@@ -27,6 +29,9 @@ pub(crate) struct Client {
     /// The base URL's path, without a trailing `/` (often empty).
     pub(crate) prefix: String,
     timeout: Duration,
+    /// For an `https://` base URL: the connector and the name the
+    /// certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Idle connections, most recently used last.
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
@@ -40,11 +45,26 @@ pub(crate) struct Answer {
 
 impl Client {
     pub(crate) fn new(base_url: &str, timeout: Duration) -> Result<Self, BackendError> {
-        let rest = base_url.strip_prefix("http://").ok_or_else(|| {
-            BackendError::Protocol(format!(
-                "`{base_url}`: only http:// task services are supported (put a TLS proxy in front)"
-            ))
-        })?;
+        Client::with_tls(base_url, timeout, None)
+    }
+
+    /// A client of an `http://` base URL, or of an `https://` one over `tls`.
+    pub(crate) fn with_tls(
+        base_url: &str,
+        timeout: Duration,
+        tls: Option<&TlsConnector>,
+    ) -> Result<Self, BackendError> {
+        let (rest, default_port, tls) = match (base_url.strip_prefix("https://"), tls) {
+            (Some(rest), Some(tls)) => (rest, 443, Some(tls)),
+            _ => match base_url.strip_prefix("http://") {
+                Some(rest) => (rest, 80, None),
+                None => {
+                    return Err(BackendError::Protocol(format!(
+                        "`{base_url}`: only http:// task services are supported (put a TLS proxy in front)"
+                    )))
+                }
+            },
+        };
         let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
@@ -60,12 +80,27 @@ impl Client {
         {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
+        };
+        let tls = match tls {
+            None => None,
+            Some(connector) => {
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = ServerName::try_from(host.to_string()).map_err(|e| {
+                    BackendError::Protocol(format!("`{base_url}`: not a TLS server name: {e}"))
+                })?;
+                Some((connector.clone(), name))
+            }
         };
         Ok(Client {
             authority,
             prefix: prefix.to_string(),
             timeout,
+            tls,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -136,14 +171,16 @@ impl Client {
                 _ => BackendError::unavailable("connect", format!("cannot connect: {e}")),
             })?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| BackendError::unavailable("transport", format!("handshake: {e}")))?;
-        tokio::spawn(async move {
-            // Ends when the service closes the connection or the sender is dropped.
-            let _ = conn.await;
-        });
-        Ok(sender)
+        match &self.tls {
+            None => handshake(stream).await,
+            Some((connector, name)) => {
+                let stream = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| BackendError::unavailable("tls", format!("TLS: {e}")))?;
+                handshake(stream).await
+            }
+        }
     }
 
     async fn send(
@@ -193,6 +230,21 @@ impl Client {
             body,
         })
     }
+}
+
+/// HTTP/1.1 over `io`; the connection is driven by its own task, which
+/// ends when the peer closes it or the sender is dropped.
+async fn handshake<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, BackendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| BackendError::unavailable("transport", format!("handshake: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 fn transport(e: hyper::Error) -> BackendError {

@@ -12,6 +12,7 @@ pub mod declarative;
 mod embedded;
 mod http;
 pub mod time;
+pub(crate) mod tls;
 
 use crate::clock::Clock;
 use crate::sim::Simulator;

@@ -118,21 +118,27 @@ impl Webhooks {
         settings.validate().map_err(WebhookError::Settings)?;
         let allow = AllowList::parse(&settings.allow).map_err(WebhookError::Settings)?;
         let timeout = Duration::from_millis(settings.timeout_ms);
+        // One client (a keep-alive pool) per origin the allow-list names;
+        // https ones over rustls, trusting Mozilla's roots and `ca_file`.
+        let https = allow
+            .prefixes()
+            .iter()
+            .any(|p| p.url().scheme == Scheme::Https);
+        let tls = if https {
+            Some(
+                crate::backend::tls::connector(settings.ca_file.as_deref())
+                    .map_err(|e| WebhookError::Settings(format!("ca_file: {e}")))?,
+            )
+        } else {
+            None
+        };
         let mut clients = HashMap::new();
         for prefix in allow.prefixes() {
             let url = prefix.url();
-            if url.scheme == Scheme::Https {
-                tracing::warn!(
-                    prefix = %url.authority(),
-                    "webhooks.allow names an https:// prefix, but this build sends http only: \
-                     such webhooks are refused (use an http:// prefix through a TLS-terminating egress proxy)"
-                );
-                continue;
-            }
-            let authority = url.authority();
-            let client = Client::new(&format!("http://{authority}"), timeout)
+            let origin = origin_of(url);
+            let client = Client::with_tls(&origin, timeout, tls.as_ref())
                 .map_err(|e| WebhookError::Settings(e.to_string()))?;
-            clients.insert(authority, client);
+            clients.insert(origin, client);
         }
         let lease_ms = settings.timeout_ms + LEASE_SLACK_MS;
         let backing = Backing::open(store, settings.max_queue, lease_ms).await?;
@@ -162,14 +168,7 @@ impl Webhooks {
     /// Whether a webhook URL is allowed; the error says why not (for
     /// `invalid_params`).
     pub fn check_url(&self, url: &str) -> Result<(), String> {
-        let parsed = self.inner.allow.check(url)?;
-        if parsed.scheme == Scheme::Https {
-            return Err(format!(
-                "webhook `{url}`: https webhooks are not supported by this build (it sends http:// only; \
-                 the server's operator can allow an http:// prefix through a TLS-terminating egress proxy)"
-            ));
-        }
-        Ok(())
+        self.inner.allow.check(url).map(|_| ())
     }
 
     /// Records that `task_id` has a webhook (durably where the store is),
@@ -339,6 +338,15 @@ async fn attempt(inner: Arc<Inner>, mut d: Delivery) {
     inner.wake.notify_one();
 }
 
+/// `scheme://host:port` of a URL: what its client is kept under.
+fn origin_of(url: &allow::Url) -> String {
+    let scheme = match url.scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
+    };
+    format!("{scheme}://{}", url.authority())
+}
+
 /// The POST; the answer's status.
 async fn post(inner: &Inner, d: &Delivery) -> Result<u16, BackendError> {
     // Checked again: the allow-list may have changed since the delivery
@@ -349,9 +357,8 @@ async fn post(inner: &Inner, d: &Delivery) -> Result<u16, BackendError> {
         .map_err(|e| BackendError::Protocol(format!("no longer allowed: {e}")))?;
     let client = inner
         .clients
-        .get(&url.authority())
-        .filter(|_| url.scheme == Scheme::Http)
-        .ok_or_else(|| BackendError::Protocol("https webhooks are not supported".into()))?;
+        .get(&origin_of(&url))
+        .ok_or_else(|| BackendError::Protocol("no client for this origin".into()))?;
     let ts = inner.clock.now_ms();
     let signature = sign::signature(&inner.secret, ts, d.body.as_bytes());
     let header = |v: &str| HeaderValue::from_str(v).expect("ids, digits and hex are header-safe");

@@ -26,6 +26,9 @@ pub struct WebhookSettings {
     pub max_queue: usize,
     /// POSTs in flight at once (per process).
     pub max_in_flight: usize,
+    /// A PEM file of CA certificates trusted for https webhooks besides
+    /// Mozilla's roots (a private CA).
+    pub ca_file: Option<String>,
 }
 
 impl Default for WebhookSettings {
@@ -39,6 +42,7 @@ impl Default for WebhookSettings {
             give_up_s: 86_400,
             max_queue: 10_000,
             max_in_flight: 32,
+            ca_file: None,
         }
     }
 }
