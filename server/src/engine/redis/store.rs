@@ -2,7 +2,8 @@
 //! worker roles need. Every multi-key change is one script (`lua/`), so it
 //! is atomic; every change to a task bumps its `seq` by compare-and-set and
 //! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`] (one
-//! Redis, not a cluster: two scripts derive task keys from ids they read).
+//! Redis, not a cluster: `load_session.lua` derives task keys from the ids it
+//! reads).
 //!
 //! Saves are batched: a process's saves of the same moment (a worker's
 //! polls that finished within [`SAVE_LINGER`]) go to Redis as one script
@@ -378,7 +379,7 @@ impl Store {
 
     /// Claims up to `max` polls due by `now_ms` from the delay queue `due`,
     /// each leased until `lease_until` (a lease score, see `worker.rs`),
-    /// and reads their tasks in the same round trip.
+    /// then reads their tasks (one pipeline of `HMGET`s).
     pub async fn claim(
         &self,
         due: &str,
@@ -392,36 +393,36 @@ impl Store {
             .arg(now_ms)
             .arg(max)
             .arg(lease_until)
-            .arg(TASK_PREFIX)
             .invoke_async(&mut c)
             .await?;
         let next_due = flat.pop().and_then(|s| parse_score(&s));
-        let mut claims = Vec::with_capacity(flat.len() / 7);
-        let mut it = flat.into_iter();
-        while let (
-            Some(id),
-            Some(score),
-            Some(task),
-            Some(seq),
-            Some(session),
-            Some(backend),
-            Some(track),
-        ) = (
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-        ) {
-            let stored = stored_from([task, seq, session, backend, track]);
-            claims.push(Claim {
-                id,
-                due_ms: parse_score(&score).unwrap_or(0),
-                stored,
+        if flat.is_empty() {
+            return Ok(Claimed {
+                due: Vec::new(),
+                next_due,
             });
         }
+        let mut read = redis::pipe();
+        for pair in flat.chunks_exact(2) {
+            read.cmd("HMGET")
+                .arg(keys::task(&pair[0]))
+                .arg(&["task", "seq", "session", "backend", "track"]);
+        }
+        let rows: Vec<Vec<Option<String>>> = read.query_async(&mut c).await?;
+        let claims = flat
+            .chunks_exact(2)
+            .zip(rows)
+            .map(|(pair, row)| {
+                let mut row = row.into_iter().map(Option::unwrap_or_default);
+                let mut field = || row.next().unwrap_or_default();
+                let fields = [field(), field(), field(), field(), field()];
+                Claim {
+                    id: pair[0].clone(),
+                    due_ms: parse_score(&pair[1]).unwrap_or(0),
+                    stored: stored_from(fields),
+                }
+            })
+            .collect();
         Ok(Claimed {
             due: claims,
             next_due,
