@@ -77,6 +77,10 @@ async fn saves_of_one_moment_keep_each_compare_and_set() {
         .unwrap();
     let events: Vec<Event> = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
     assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].s.as_str(), events[0].b.as_deref()),
+        ("s-1", Some("b-1"))
+    );
     assert_eq!(events[0].t.as_ref().unwrap().done, now.done);
     assert_eq!(
         due_score(&redis, &id).await,

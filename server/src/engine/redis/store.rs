@@ -112,7 +112,7 @@ pub struct Store {
 struct SaveReq {
     /// `task`, `due`, `live` keys.
     keys: [String; 3],
-    /// `seq`, task json, track json, next, id, event, final flag, retention.
+    /// `seq`, task json, track json, next, id, event head, final flag, retention.
     args: [String; 8],
     reply: oneshot::Sender<Result<Saved, StoreError>>,
 }
@@ -299,14 +299,14 @@ impl Store {
     ) -> Result<Saved, StoreError> {
         let task = &stored.tracked.task;
         let changed = task.seq != loaded_seq;
-        let (task_json, event) = if changed {
-            let event = Event {
-                s: stored.session.clone(),
-                b: Some(stored.backend_id.clone()),
-                t: Some(task.clone()),
-                forget: None,
-            };
-            (to_json(task), to_json(&event))
+        let (task_json, event_head) = if changed {
+            // An `Event` with `t` last: the script appends the task's JSON.
+            let head = format!(
+                "{{\"s\":{},\"b\":{},\"t\":",
+                to_json(&stored.session),
+                to_json(&stored.backend_id)
+            );
+            (to_json(task), head)
         } else {
             (String::new(), String::new())
         };
@@ -333,7 +333,7 @@ impl Store {
                 track,
                 next,
                 task.id.clone(),
-                event,
+                event_head,
                 if task.state.is_final() { "1" } else { "0" }.into(),
                 retention_s.max(1).to_string(),
             ],
