@@ -47,6 +47,10 @@ usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...
                           process on Redis) or redis-split (one web and
                           one worker process on Redis); starts its own
                           redis-server on a free port for the Redis ones
+                          and reports its commands, CPU and reads per
+                          poll (INFO commandstats / cpu / stats, between
+                          the go and the last final state)
+  --workers N             worker processes of redis-split            (default 1)
   --kill-server-at-ms N   SIGKILL the server N ms after the go and start it
                           again (same port, same data dir); clients
                           reconnect with their cookies (memory engine)
@@ -70,6 +74,8 @@ struct Opts {
     server_bin: String,
     json: bool,
     engine: String,
+    /// Worker processes of `redis-split`.
+    workers: usize,
     /// SIGKILL the server this long after the go, and start it again on the
     /// same port and data directory; clients reconnect with their cookie.
     kill_server_at_ms: Option<u64>,
@@ -95,6 +101,7 @@ impl Opts {
             server_bin: env!("CARGO_BIN_EXE_taskwire").to_string(),
             json: false,
             engine: "memory".into(),
+            workers: 1,
             kill_server_at_ms: None,
             slow_backend_latency_ms: None,
             server_args: vec![],
@@ -129,6 +136,7 @@ impl Opts {
                 "--label" => o.label = Some(value(&flag)?),
                 "--server-bin" => o.server_bin = value(&flag)?,
                 "--json" => o.json = true,
+                "--workers" => o.workers = num(&flag, value(&flag)?)?,
                 "--kill-server-at-ms" => o.kill_server_at_ms = Some(num(&flag, value(&flag)?)?),
                 "--slow-backend-latency-ms" => {
                     o.slow_backend_latency_ms = Some(num(&flag, value(&flag)?)?)
@@ -156,6 +164,9 @@ impl Opts {
         if o.clients == 0 || o.tasks_per_client == 0 {
             return Err("--clients and --tasks-per-client must be at least 1".into());
         }
+        if o.workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
         if o.threads == 0 || o.connect_concurrency == 0 {
             return Err("--threads and --connect-concurrency must be at least 1".into());
         }
@@ -174,6 +185,8 @@ impl Opts {
         );
         let base = if self.engine == "memory" {
             base
+        } else if self.engine == "redis-split" && self.workers != 1 {
+            format!("{base}, engine {} ({} workers)", self.engine, self.workers)
         } else {
             format!("{base}, engine {}", self.engine)
         };
@@ -364,6 +377,107 @@ impl Drop for RedisProc {
     }
 }
 
+/// What Redis counted so far: `INFO commandstats`, `INFO cpu` (its own
+/// CPU, user + sys) and `INFO stats` (`total_reads_processed`: one per
+/// socket read, so one per round trip however many commands it carries).
+#[derive(Debug)]
+struct RedisStats {
+    /// Per command: calls, µs spent in it (a script's includes its commands').
+    calls: BTreeMap<String, (u64, u64)>,
+    cpu_s: f64,
+    /// Of which in the kernel (`used_cpu_sys`).
+    sys_s: f64,
+    reads: u64,
+}
+
+impl RedisStats {
+    fn read(url: &str) -> Result<RedisStats, String> {
+        let text = || -> redis::RedisResult<String> {
+            let mut c = redis::Client::open(url)?.get_connection()?;
+            let mut all = String::new();
+            for section in ["commandstats", "cpu", "stats"] {
+                all += &redis::cmd("INFO").arg(section).query::<String>(&mut c)?;
+            }
+            Ok(all)
+        };
+        let text = text().map_err(|e| format!("INFO: {e}"))?;
+        let mut stats = RedisStats {
+            calls: BTreeMap::new(),
+            cpu_s: 0.0,
+            sys_s: 0.0,
+            reads: 0,
+        };
+        for line in text.lines() {
+            let Some((key, value)) = line.trim().split_once(':') else {
+                continue;
+            };
+            if let Some(cmd) = key.strip_prefix("cmdstat_") {
+                // calls=N,usec=N,...
+                let field = |name: &str| {
+                    value
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
+                };
+                stats
+                    .calls
+                    .insert(cmd.to_uppercase(), (field("calls="), field("usec=")));
+            }
+            match key {
+                "used_cpu_user" => stats.cpu_s += value.parse().unwrap_or(0.0),
+                "used_cpu_sys" => {
+                    let sys: f64 = value.parse().unwrap_or(0.0);
+                    stats.cpu_s += sys;
+                    stats.sys_s += sys;
+                }
+                "total_reads_processed" => stats.reads = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+
+    /// The window from `before` to `self`, per poll. Commands are counted
+    /// as `INFO commandstats` does: those a script runs too, `INFO` left
+    /// out; the reads include the few of the `INFO` calls themselves.
+    fn since(&self, before: &RedisStats, polls: u64) -> serde_json::Value {
+        let per = |n: f64| {
+            if polls == 0 {
+                None
+            } else {
+                Some(round(n / polls as f64, 3))
+            }
+        };
+        let mut by_command = BTreeMap::new();
+        let mut usec_by_command = BTreeMap::new();
+        let mut commands = 0;
+        for (cmd, (n, usec)) in &self.calls {
+            let (n0, usec0) = before.calls.get(cmd).copied().unwrap_or((0, 0));
+            let d = n.saturating_sub(n0);
+            if d > 0 && cmd != "INFO" {
+                commands += d;
+                by_command.insert(cmd.clone(), per(d as f64));
+                usec_by_command.insert(cmd.clone(), per(usec.saturating_sub(usec0) as f64));
+            }
+        }
+        let reads = self.reads.saturating_sub(before.reads);
+        let cpu_s = self.cpu_s - before.cpu_s;
+        json!({
+            "polls": polls,
+            "commands": commands,
+            "commands_per_poll": per(commands as f64),
+            "reads": reads,
+            "reads_per_poll": per(reads as f64),
+            "cpu_s": round(cpu_s, 3),
+            "cpu_us_per_poll": per(cpu_s * 1e6).map(|us| round(us, 1)),
+            "sys_us_per_poll": per((self.sys_s - before.sys_s) * 1e6).map(|us| round(us, 1)),
+            "by_command": by_command,
+            "usec_per_poll_by_command": usec_by_command,
+        })
+    }
+}
+
 // ---------------------------------------------------------------- /proc
 
 fn clock_ticks_per_s() -> f64 {
@@ -412,7 +526,7 @@ fn machine_ticks() -> Option<(u64, u64)> {
 }
 
 /// Polls VmRSS of the given processes (server, simulator, this process,
-/// then the worker and redis-server when there are) every 200 ms.
+/// then the (first) worker and redis-server when there are) every 200 ms.
 struct Sampler {
     stop: Arc<AtomicBool>,
     peaks: Arc<Vec<AtomicU64>>,
@@ -918,15 +1032,16 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         taskwire(if split { "web" } else { "all" }),
         "taskwire listening on http://",
     )?;
-    let mut worker = if split {
-        Some(ChildProc::start(
-            "worker",
-            taskwire("worker"),
-            "taskwire listening on http://",
-        )?)
-    } else {
-        None
-    };
+    let mut workers = Vec::new();
+    if split {
+        for _ in 0..opts.workers {
+            workers.push(ChildProc::start(
+                "worker",
+                taskwire("worker"),
+                "taskwire listening on http://",
+            )?);
+        }
+    }
     eprintln!(
         "loadgen: simulator {} (pid {}), server {} (pid {}); {}",
         sim.addr,
@@ -941,7 +1056,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         server.pid().to_string(),
         sim.pid().to_string(),
         "self".to_string(),
-        pid_of(worker.as_ref().map(|w| w.pid())),
+        pid_of(workers.first().map(|w| w.pid())),
         pid_of(redis.as_ref().map(|r| r.child.id())),
     ]);
 
@@ -982,6 +1097,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_s = connect_started.elapsed().as_secs_f64();
+    let redis_before = redis.as_ref().map(|r| RedisStats::read(&r.url()));
     let go_at = Instant::now() + Duration::from_millis(100);
     let _ = go_tx.send(Some(go_at));
 
@@ -1044,6 +1160,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     }
     let run_s = go_at.elapsed().as_secs_f64();
     progress.abort();
+    let redis_after = redis.as_ref().map(|r| RedisStats::read(&r.url()));
 
     // 4. What the simulator counted.
     let stats: serde_json::Value = async {
@@ -1064,8 +1181,13 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         cpu(&sim.pid().to_string()),
         cpu("self"),
     );
-    let worker_alive = worker.as_mut().map(|w| w.alive());
-    let worker_cpu = worker.as_ref().map(|w| cpu(&w.pid().to_string()));
+    let worker_alive = (!workers.is_empty()).then(|| workers.iter_mut().all(|w| w.alive()));
+    let worker_cpu = (!workers.is_empty()).then(|| {
+        workers.iter().fold((0, 0), |(u, s), w| {
+            let (wu, ws) = cpu(&w.pid().to_string());
+            (u + wu, s + ws)
+        })
+    });
     let redis_cpu = redis.as_ref().map(|r| cpu(&r.child.id().to_string()));
     let machine_end = machine_ticks();
     let peaks = sampler.finish();
@@ -1076,7 +1198,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         server.log.first.lock().unwrap().clone(),
     );
     drop(server);
-    drop(worker);
+    drop(workers);
     drop(redis);
     drop(sim);
     drop(slow_sim);
@@ -1231,6 +1353,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         },
         "engine": opts.engine,
         "worker": worker_s.map(|w| json!({
+            "processes": opts.workers,
             "peak_rss_mb": mb(peaks[3]),
             "cpu_s": round(w, 2),
             "cpu_us_per_poll": per_poll_us(w),
@@ -1240,6 +1363,11 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             "peak_rss_mb": mb(peaks[4]),
             "cpu_s": round(r, 2),
             "cpu_us_per_poll": per_poll_us(r),
+            "window": match (&redis_before, &redis_after) {
+                (Some(Ok(b)), Some(Ok(a))) => a.since(b, polls_total),
+                (Some(Err(e)), _) | (_, Some(Err(e))) => json!({ "error": e }),
+                _ => serde_json::Value::Null,
+            },
         })),
         "taskwire_total": {
             "peak_rss_mb": mb(peaks[0] + peaks[3]),
@@ -1358,6 +1486,22 @@ fn print_table(r: &serde_json::Value) {
         ),
         ("engine", s(&r["engine"])),
         ("server peak RSS MB", s(&r["server"]["peak_rss_mb"])),
+        (
+            "redis commands / reads (round trips) per poll",
+            format!(
+                "{} / {}",
+                s(&r["redis"]["window"]["commands_per_poll"]),
+                s(&r["redis"]["window"]["reads_per_poll"])
+            ),
+        ),
+        (
+            "redis CPU µs per poll (INFO cpu)",
+            s(&r["redis"]["window"]["cpu_us_per_poll"]),
+        ),
+        (
+            "redis commands per poll, by command",
+            s(&r["redis"]["window"]["by_command"]),
+        ),
         (
             "worker / redis-server CPU s (peak RSS MB)",
             format!(

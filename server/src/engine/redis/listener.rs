@@ -1,5 +1,6 @@
 //! A web process's subscription to task changes in Redis: every [`Event`]
-//! on [`EVENTS`] goes into the fanout (which keeps it only for the sessions
+//! on [`EVENTS`] (one, or a batch of saves' as a JSON array) goes into the
+//! fanout (which keeps it only for the sessions
 //! connected here, and only when newer than what it has). Finished tasks
 //! leave the fanout after the retention, from this loop's own delay queue.
 //!
@@ -90,13 +91,22 @@ impl Listener {
     }
 
     async fn handle(&mut self, payload: &[u8]) {
-        let event: Event = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "unreadable event on {EVENTS}");
-                return;
-            }
+        let events = if payload.first() == Some(&b'[') {
+            serde_json::from_slice::<Vec<Event>>(payload)
+        } else {
+            serde_json::from_slice::<Event>(payload).map(|e| vec![e])
         };
+        match events {
+            Ok(events) => {
+                for event in events {
+                    self.handle_one(event).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable event on {EVENTS}"),
+        }
+    }
+
+    async fn handle_one(&mut self, event: Event) {
         if let Some(id) = &event.forget {
             self.fanout.forget(&event.s, id);
         }

@@ -158,6 +158,7 @@ impl RedisEngine {
         };
         for _ in 0..CAS_TRIES {
             let loaded_seq = stored.tracked.task.seq;
+            let loaded_track = stored.tracked.track;
             let now = self.clock.now_ms();
             let outcome = step(&mut stored.tracked, now);
             let changed = outcome.next.is_some();
@@ -171,7 +172,7 @@ impl RedisEngine {
                     &stored,
                     self.due_of(&stored.backend_id),
                     loaded_seq,
-                    changed,
+                    loaded_track,
                     next,
                     self.retention_s,
                 )

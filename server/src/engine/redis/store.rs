@@ -2,7 +2,15 @@
 //! worker roles need. Every multi-key change is one script (`lua/`), so it
 //! is atomic; every change to a task bumps its `seq` by compare-and-set and
 //! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`] (one
-//! Redis, not a cluster: two scripts derive task keys from ids they read).
+//! Redis, not a cluster: `load_session.lua` derives task keys from the ids it
+//! reads).
+//!
+//! Saves are batched: a process's saves of the same moment (a worker's
+//! polls that finished within [`SAVE_LINGER`]) go to Redis as one script
+//! call, which runs each compare-and-set in turn, moves the queue entries
+//! with one `ZADD` per queue and publishes the changes as one message (a
+//! JSON array of [`Event`]s). A save whose task and poll memory did not
+//! change writes only the queue entry.
 //! The delay-queue commands take the backend's queue ([`keys::due`]); the
 //! engine knows which backend a task belongs to.
 
@@ -14,8 +22,9 @@ use app::protocol::Task;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::{Deserialize, Serialize};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 /// Backoff of a process's retries while Redis is unreachable.
 pub const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -70,7 +79,14 @@ static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/
 
 static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
 
-static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/save.lua")));
+static SAVE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/save_many.lua")));
+
+/// Saves per script call, at most.
+const SAVE_BATCH: usize = 256;
+/// How long the first save of a batch waits for others to join it: the
+/// price, in staleness, of one script call and one message for many polls.
+pub const SAVE_LINGER: Duration = Duration::from_millis(2);
 
 static LOAD_SESSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/load_session.lua")));
@@ -88,6 +104,17 @@ static RELOCATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("l
 pub struct Store {
     conn: ConnectionManager,
     client: redis::Client,
+    /// The batcher of saves ([`save_batches`]), started by the first save.
+    saves: Arc<OnceLock<mpsc::UnboundedSender<SaveReq>>>,
+}
+
+/// One compare-and-set save waiting for its batch.
+struct SaveReq {
+    /// `task`, `due`, `live` keys.
+    keys: [String; 3],
+    /// `seq`, task json, track json, next, id, event head, final flag, retention.
+    args: [String; 8],
+    reply: oneshot::Sender<Result<Saved, StoreError>>,
 }
 
 impl Store {
@@ -101,7 +128,11 @@ impl Store {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        Ok(Store { conn, client })
+        Ok(Store {
+            conn,
+            client,
+            saves: Default::default(),
+        })
     }
 
     /// A new pub/sub connection subscribed to `channel` (within 2 s).
@@ -253,55 +284,75 @@ impl Store {
     }
 
     /// Saves `stored` (its task already committed with the next `seq` when
-    /// `changed`) if nobody changed the task since it was loaded at
-    /// `loaded_seq`, publishes a change, and moves the task's entry in its
-    /// backend's delay queue `due`.
+    /// it changed) if nobody changed the task since it was loaded at
+    /// `loaded_seq` with the poll memory `loaded_track`, publishes a
+    /// change, and moves the task's entry in its backend's delay queue
+    /// `due`. Goes to Redis in the next batch of saves.
     pub async fn save(
         &self,
         stored: &Stored,
         due: &str,
         loaded_seq: u64,
-        changed: bool,
+        loaded_track: Track,
         next: NextDue,
         retention_s: u64,
     ) -> Result<Saved, StoreError> {
         let task = &stored.tracked.task;
-        let (task_json, event) = if changed {
-            let event = Event {
-                s: stored.session.clone(),
-                b: Some(stored.backend_id.clone()),
-                t: Some(task.clone()),
-                forget: None,
-            };
-            (to_json(task), to_json(&event))
+        let changed = task.seq != loaded_seq;
+        let (task_json, event_head) = if changed {
+            // An `Event` with `t` last: the script appends the task's JSON.
+            let head = format!(
+                "{{\"s\":{},\"b\":{},\"t\":",
+                to_json(&stored.session),
+                to_json(&stored.backend_id)
+            );
+            (to_json(task), head)
         } else {
             (String::new(), String::new())
+        };
+        let track = if stored.tracked.track != loaded_track {
+            to_json(&stored.tracked.track)
+        } else {
+            String::new()
         };
         let next = match next {
             NextDue::At(ms) => ms.to_string(),
             NextDue::Final => "final".into(),
             NextDue::Keep => "keep".into(),
         };
-        let mut c = self.conn.clone();
-        let outcome: i64 = SAVE
-            .key(keys::task(&task.id))
-            .key(due)
-            .key(keys::session_sub(&stored.session, "live"))
-            .arg(loaded_seq)
-            .arg(task_json)
-            .arg(to_json(&stored.tracked.track))
-            .arg(next)
-            .arg(retention_s.max(1))
-            .arg(&task.id)
-            .arg(event)
-            .arg(if task.state.is_final() { "1" } else { "0" })
-            .arg(EVENTS)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(match outcome {
-            1 => Saved::Done,
-            0 => Saved::Conflict,
-            _ => Saved::Gone,
+        let (reply, outcome) = oneshot::channel();
+        let req = SaveReq {
+            keys: [
+                keys::task(&task.id),
+                due.to_string(),
+                keys::session_sub(&stored.session, "live"),
+            ],
+            args: [
+                loaded_seq.to_string(),
+                task_json,
+                track,
+                next,
+                task.id.clone(),
+                event_head,
+                if task.state.is_final() { "1" } else { "0" }.into(),
+                retention_s.max(1).to_string(),
+            ],
+            reply,
+        };
+        let saver = self.saves.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(save_batches(self.conn.clone(), rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(req)) = saver.send(req) {
+            // The batcher's runtime is gone (a store outliving it): alone.
+            save_batch(&mut self.conn.clone(), vec![req]).await;
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(StoreError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the batch of saves was dropped",
+            ))))
         })
     }
 
@@ -328,7 +379,7 @@ impl Store {
 
     /// Claims up to `max` polls due by `now_ms` from the delay queue `due`,
     /// each leased until `lease_until` (a lease score, see `worker.rs`),
-    /// and reads their tasks in the same round trip.
+    /// then reads their tasks (one pipeline of `HMGET`s).
     pub async fn claim(
         &self,
         due: &str,
@@ -342,36 +393,36 @@ impl Store {
             .arg(now_ms)
             .arg(max)
             .arg(lease_until)
-            .arg(TASK_PREFIX)
             .invoke_async(&mut c)
             .await?;
         let next_due = flat.pop().and_then(|s| parse_score(&s));
-        let mut claims = Vec::with_capacity(flat.len() / 7);
-        let mut it = flat.into_iter();
-        while let (
-            Some(id),
-            Some(score),
-            Some(task),
-            Some(seq),
-            Some(session),
-            Some(backend),
-            Some(track),
-        ) = (
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-            it.next(),
-        ) {
-            let stored = stored_from([task, seq, session, backend, track]);
-            claims.push(Claim {
-                id,
-                due_ms: parse_score(&score).unwrap_or(0),
-                stored,
+        if flat.is_empty() {
+            return Ok(Claimed {
+                due: Vec::new(),
+                next_due,
             });
         }
+        let mut read = redis::pipe();
+        for pair in flat.chunks_exact(2) {
+            read.cmd("HMGET")
+                .arg(keys::task(&pair[0]))
+                .arg(&["task", "seq", "session", "backend", "track"]);
+        }
+        let rows: Vec<Vec<Option<String>>> = read.query_async(&mut c).await?;
+        let claims = flat
+            .chunks_exact(2)
+            .zip(rows)
+            .map(|(pair, row)| {
+                let mut row = row.into_iter().map(Option::unwrap_or_default);
+                let mut field = || row.next().unwrap_or_default();
+                let fields = [field(), field(), field(), field(), field()];
+                Claim {
+                    id: pair[0].clone(),
+                    due_ms: parse_score(&pair[1]).unwrap_or(0),
+                    stored: stored_from(fields),
+                }
+            })
+            .collect();
         Ok(Claimed {
             due: claims,
             next_due,
@@ -452,6 +503,62 @@ impl Store {
     pub async fn queue_len(&self, due: &str) -> Result<u64, StoreError> {
         let mut c = self.conn.clone();
         Ok(redis::cmd("ZCARD").arg(due).query_async(&mut c).await?)
+    }
+}
+
+/// Collects saves into batches: the first waits [`SAVE_LINGER`] for others
+/// (at most [`SAVE_BATCH`]), then the batch goes as one script call; the
+/// saves that arrive meanwhile form the next. The channel is unbounded
+/// because its callers bound it: each is a poll holding a permit of its
+/// backend, or a `cancel` of a connection holding a request permit.
+async fn save_batches(conn: ConnectionManager, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
+    let mut batch = Vec::with_capacity(SAVE_BATCH);
+    while let Some(first) = saves.recv().await {
+        batch.push(first);
+        let linger = tokio::time::sleep(SAVE_LINGER);
+        tokio::pin!(linger);
+        while batch.len() < SAVE_BATCH {
+            tokio::select! {
+                biased;
+                more = saves.recv() => match more {
+                    Some(req) => batch.push(req),
+                    None => break,
+                },
+                _ = &mut linger => break,
+            }
+        }
+        save_batch(&mut conn.clone(), std::mem::take(&mut batch)).await;
+    }
+}
+
+/// One script call for `batch`; each save's outcome to its caller.
+async fn save_batch(conn: &mut ConnectionManager, batch: Vec<SaveReq>) {
+    let mut call = SAVE_MANY.prepare_invoke();
+    call.arg(EVENTS);
+    for req in &batch {
+        for key in &req.keys {
+            call.key(key);
+        }
+        for arg in &req.args {
+            call.arg(arg);
+        }
+    }
+    let outcomes: Result<Vec<i64>, redis::RedisError> = call.invoke_async(conn).await;
+    match outcomes {
+        Ok(outcomes) => {
+            for (req, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = req.reply.send(Ok(match outcome {
+                    1 => Saved::Done,
+                    0 => Saved::Conflict,
+                    _ => Saved::Gone,
+                }));
+            }
+        }
+        Err(e) => {
+            for req in batch {
+                let _ = req.reply.send(Err(StoreError::Redis(e.clone())));
+            }
+        }
     }
 }
 

@@ -23,7 +23,8 @@
 //! worker's own lease, never a due time a save has set meanwhile.
 //!
 //! No loop spins: after a claim it sleeps until the earliest due time the
-//! claim read (at most [`MAX_SLEEP`]), or until a new task of its backend
+//! claim read (at least [`CLAIM_TICK`], so polls due close together go in
+//! one claim; at most [`MAX_SLEEP`]), or until a new task of its backend
 //! wakes it (`tw:wake` names the queue), a lease needs renewing, or a poll
 //! of its own finishes while its pool was full.
 
@@ -46,6 +47,10 @@ use tokio::time::Instant;
 pub const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Claims per round trip, at most.
 const CLAIM_BATCH: usize = 256;
+/// The shortest sleep between two claims that emptied the due polls: the
+/// polls due meanwhile go in the next claim, together (a claim per poll
+/// would cost Redis a script call each). A poll may be this much late.
+pub const CLAIM_TICK: Duration = Duration::from_millis(5);
 /// How long a claim is the worker's without renewal.
 pub const LEASE_MS: u64 = 1_500;
 /// How often the worker renews the leases of its polls in flight.
@@ -234,7 +239,8 @@ impl ClaimLoop {
                             continue;
                         }
                         sleep = next_due.map_or(MAX_SLEEP, |due| {
-                            Duration::from_millis(due.saturating_sub(clock.now_ms())).min(MAX_SLEEP)
+                            Duration::from_millis(due.saturating_sub(clock.now_ms()))
+                                .clamp(CLAIM_TICK, MAX_SLEEP)
                         });
                     }
                     Err(e) => {
