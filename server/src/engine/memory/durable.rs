@@ -55,6 +55,32 @@ pub struct Record {
     pub track: Track,
 }
 
+/// A [`Record`] borrowed from the table: serialised under its lock, so a
+/// checkpoint copies no task (the same JSON as `Record`'s).
+#[derive(Serialize)]
+pub struct RecordRef<'a> {
+    pub session: &'a str,
+    pub backend_id: &'a str,
+    pub task: &'a Task,
+    pub track: Track,
+}
+
+/// A checkpoint's batch: the changed tasks' records, serialised one after
+/// another into one buffer (one allocation, not one per task).
+#[derive(Default)]
+pub struct Batch {
+    /// Every record's JSON, back to back.
+    pub bytes: Vec<u8>,
+    /// Each changed task and its record's range in `bytes` (`None`: gone).
+    pub entries: Vec<(Arc<str>, Option<std::ops::Range<usize>>)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DurableError {
     #[error("cannot create the data directory {path}: {source}")]
@@ -198,7 +224,7 @@ fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing the data file failed; will retry");
             // Not lost: marked dirty again for the next try.
-            table.mark_dirty(dirty.into_iter().map(|(id, _)| id));
+            table.mark_dirty(dirty.entries.into_iter().map(|(id, _)| id));
         }
         for ack in acks {
             let _ = ack.send(result.clone());
@@ -224,15 +250,14 @@ fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
 }
 
 /// One synced transaction: upserts and deletes.
-fn write(db: &Database, dirty: &[(Arc<str>, Option<Record>)]) -> Result<(), redb::Error> {
+fn write(db: &Database, dirty: &Batch) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
         let mut table = txn.open_table(TASKS)?;
-        for (id, record) in dirty {
+        for (id, record) in &dirty.entries {
             match record {
-                Some(record) => {
-                    let bytes = serde_json::to_vec(record).expect("a record always serialises");
-                    table.insert(&**id, bytes.as_slice())?;
+                Some(range) => {
+                    table.insert(&**id, &dirty.bytes[range.clone()])?;
                 }
                 None => {
                     table.remove(&**id)?;

@@ -3,7 +3,7 @@
 //! truth of the memory engine; every committed change is applied to the
 //! [`Fanout`] under the table's lock, so changes reach it in `seq` order.
 
-use super::durable::Record;
+use super::durable::{Batch, Record, RecordRef};
 use crate::engine::admission::{Refusal, StartLimits, StartWindow};
 use crate::engine::fanout::Fanout;
 use crate::engine::finals::Finals;
@@ -15,6 +15,9 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Records serialised per hold of the lock by [`Table::take_dirty`].
+const CHECKPOINT_CHUNK: usize = 256;
 
 /// Cheap to clone; all clones share one table.
 #[derive(Clone)]
@@ -70,25 +73,38 @@ impl Table {
         }
     }
 
-    /// Tasks changed since the last call, with their records (`None`: gone).
-    pub fn take_dirty(&self) -> Vec<(Arc<str>, Option<Record>)> {
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        let Some(dirty) = s.dirty.as_mut() else {
-            return Vec::new();
+    /// Tasks changed since the last call, with their records serialised
+    /// (`None`: gone). Serialised under the lock, [`CHECKPOINT_CHUNK`] at a
+    /// time so polls are not held up long: no copy of a task is made. A task
+    /// changed after its chunk is marked dirty again for the next call.
+    pub fn take_dirty(&self) -> Batch {
+        let ids: Vec<Arc<str>> = match self.lock().dirty.as_mut() {
+            Some(dirty) => dirty.drain().collect(),
+            None => return Batch::default(),
         };
-        let ids: Vec<Arc<str>> = dirty.drain().collect();
-        ids.into_iter()
-            .map(|id| {
-                let record = s.tasks.get(&id).map(|t| Record {
-                    session: t.session.to_string(),
-                    backend_id: t.backend_id.to_string(),
-                    task: t.tr.task.clone(),
-                    track: t.tr.track,
+        let mut batch = Batch {
+            bytes: Vec::new(),
+            entries: Vec::with_capacity(ids.len()),
+        };
+        for chunk in ids.chunks(CHECKPOINT_CHUNK) {
+            let s = self.lock();
+            for id in chunk {
+                let range = s.tasks.get(id).map(|t| {
+                    let start = batch.bytes.len();
+                    let record = RecordRef {
+                        session: &t.session,
+                        backend_id: &t.backend_id,
+                        task: &t.tr.task,
+                        track: t.tr.track,
+                    };
+                    serde_json::to_writer(&mut batch.bytes, &record)
+                        .expect("a record always serialises");
+                    start..batch.bytes.len()
                 });
-                (id, record)
-            })
-            .collect()
+                batch.entries.push((id.clone(), range));
+            }
+        }
+        batch
     }
 
     /// Marks tasks to be written again (a write failed).
