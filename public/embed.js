@@ -17,6 +17,14 @@
   })();
 
   const FINAL = ['succeeded', 'failed', 'cancelled'];
+  // A server frame's JSON, or null when it is not JSON (ignored).
+  const parseMsg = (data) => {
+    try {
+      return JSON.parse(data);
+    } catch {
+      return null;
+    }
+  };
   const isFinal = (t) => FINAL.includes(t.state);
   const CAP_MS = 30000; // reconnect backoff cap
   const BASE_MS = 1000; // first backoff cap
@@ -347,12 +355,8 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
       this._watchdog = setTimeout(() => ws.close(1000), WELCOME_MS);
       ws.onmessage = (e) => {
         if (gen !== this._gen) return;
-        let msg;
-        try {
-          msg = JSON.parse(e.data);
-        } catch {
-          return;
-        }
+        const msg = parseMsg(e.data);
+        if (!msg) return;
         if (msg.type === 'welcome' && !welcomedAt) {
           welcomedAt = Date.now();
           clearTimeout(this._watchdog);
@@ -377,12 +381,8 @@ border-radius:var(--_radius);padding:.1em .6em;cursor:pointer;justify-self:start
       const on = (type) =>
         es.addEventListener(type, (e) => {
           if (gen !== this._gen) return;
-          let msg;
-          try {
-            msg = JSON.parse(e.data);
-          } catch {
-            return;
-          }
+          let msg = parseMsg(e.data);
+          if (!msg) return;
           if (!msg.type) msg = type === 'task' && !msg.task ? { type, task: msg } : { type, ...msg };
           if (msg.type === 'welcome') welcomedAt = welcomedAt || Date.now();
           this._onMessage(msg);

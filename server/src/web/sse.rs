@@ -7,12 +7,11 @@
 //! `--allowed-origins` may read it (CORS, no credentials).
 
 use super::session::Session;
-use super::ws::{TokenQuery, Watcher};
+use super::ws::{expired, token_expiry, TokenQuery, Watcher};
 use crate::engine::fanout::{Conn, Next};
 use crate::engine::Engine;
 use crate::metrics as m;
 use crate::AppState;
-use app::protocol::{ErrorCode, ServerMsg};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -98,15 +97,11 @@ impl Stream {
                 }
                 Next::Close(_) => return None,
                 Next::Empty => {
-                    let left = self
-                        .expires_ms
-                        .map(|e| Duration::from_millis(e.saturating_sub(self.engine.now_ms())));
                     tokio::select! {
                         _ = self.conn.outbox.notified() => {}
-                        _ = tokio::time::sleep(left.unwrap_or(Duration::MAX / 4)), if left.is_some() => {
+                        _ = token_expiry(&self.engine, self.expires_ms) => {
                             self.done = true;
-                            let msg = ServerMsg::error(None, ErrorCode::Unauthorized, "the watch token has expired");
-                            return Some(Event::default().event("error").data(msg.to_json()));
+                            return Some(Event::default().event("error").data(expired().to_json()));
                         }
                     }
                 }

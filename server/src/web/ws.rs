@@ -179,10 +179,7 @@ async fn run(
     let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     loop {
         // A watch token ends the connection when it expires unrefreshed.
-        let expires_in = claims
-            .as_ref()
-            .map(|c| Duration::from_millis(c.expires_ms.saturating_sub(state.engine.now_ms())));
-        let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
+        let expires_ms = claims.as_ref().map(|c| c.expires_ms);
         // Backpressure: while the client leaves its replies unread, read no
         // more of its frames (TCP slows it down); the writer's slow-client
         // timeout still closes one that reads nothing at all.
@@ -194,8 +191,8 @@ async fn run(
         }
         tokio::select! {
             _ = &mut writer => break,
-            _ = expiry, if expires_in.is_some() => {
-                reply(&conn, ServerMsg::error(None, ErrorCode::Unauthorized, "the watch token has expired"));
+            _ = token_expiry(&state.engine, expires_ms) => {
+                reply(&conn, expired());
                 conn.outbox.close(CloseReason::Expired);
                 let _ = timeout(CLOSE_TIMEOUT, &mut writer).await;
                 break;
@@ -242,6 +239,22 @@ async fn run(
     state.engine.disconnect(&conn).await;
     writer.abort();
     connections.decrement(1.0);
+}
+
+/// Resolves once a watch token expiring at `expires_ms` has expired;
+/// never for a connection without one.
+pub async fn token_expiry(engine: &Engine, expires_ms: Option<u64>) {
+    match expires_ms {
+        Some(at) => {
+            tokio::time::sleep(Duration::from_millis(at.saturating_sub(engine.now_ms()))).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What a connection whose watch token expired is told last.
+pub fn expired() -> ServerMsg {
+    ServerMsg::error(None, ErrorCode::Unauthorized, "the watch token has expired")
 }
 
 type Sink = SplitSink<WebSocket, Message>;
