@@ -257,7 +257,8 @@ async fn a_pending_delivery_survives_a_restart_with_the_file_store() {
         .await
         .unwrap();
     hooks.on_final(&task("t4", TaskState::Succeeded)).await;
-    assert_eq!(rx.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+    // At least the first attempt (a full-jitter retry may follow at once).
+    assert!(!rx.wait_for(1, Duration::from_secs(5)).await.is_empty());
     hooks.close().await;
     let first_id = header(&rx.hits()[0], "x-taskwire-delivery").to_string();
     let before = rx.hits().len();
