@@ -144,7 +144,7 @@ async fn poll_engine(tasks: u64) {
     let params = serde_json::json!({"duration_ms": 10_000, "steps": 100});
     for _ in 0..tasks {
         let bid = sim.start("simulate", &params, clock.now_ms()).unwrap();
-        let task = new_task("simulate", None, clock.now_ms());
+        let task = new_task("s", "simulate", None, clock.now_ms());
         memory.create(&conn.session, &task, &bid).await.unwrap();
         fanout.accepted(&conn, "r".into(), &task);
     }

@@ -23,9 +23,11 @@ pub const BACKEND_ERRORS: &str = "taskwire_backend_errors_total";
 pub const WS_CONNECTIONS: &str = "taskwire_ws_connections";
 pub const MESSAGES_SENT: &str = "taskwire_messages_sent_total";
 pub const UPDATES_COALESCED: &str = "taskwire_updates_coalesced_total";
-/// Redis engine: entries in a backend's shared delay queue (`tw:due`,
-/// `tw:due:{backend}`), as a worker saw it; labelled `backend`.
+/// Redis engine: polls waiting in a worker's delay queue of a backend (the
+/// tasks of the partitions it owns); labelled `backend`.
 pub const REDIS_QUEUE_DEPTH: &str = "taskwire_redis_queue_depth";
+/// Redis engine: partitions this worker owns.
+pub const REDIS_PARTITIONS: &str = "taskwire_redis_partitions_owned";
 /// Redis engine: events whose `seq` skipped one (a message was lost).
 pub const REDIS_SEQ_GAPS: &str = "taskwire_redis_seq_gaps_total";
 /// Redis engine: the listener read every mirrored session again.

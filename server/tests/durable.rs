@@ -264,7 +264,8 @@ async fn thousands_of_live_tasks_load_and_resume() {
         let session: std::sync::Arc<str> = "0123456789abcdef0123456789abcdef".into();
         let params = serde_json::json!({"duration_ms": 2_000, "steps": 2});
         for i in 0..N {
-            let mut task = server::task::new_task("simulate", Some(params.clone()), clock.now_ms());
+            let mut task =
+                server::task::new_task(&session, "simulate", Some(params.clone()), clock.now_ms());
             task.id = format!("t{i:05}");
             table.insert(&session, &task, &format!("b{i:05}"));
         }

@@ -1,6 +1,7 @@
 //! The Redis store's batched saves against a real `redis-server`: saves of
-//! the same moment go to Redis together (one script call), and each keeps
-//! its own compare-and-set; the changes go out as one message.
+//! the same moment go to Redis together (one script call per partition),
+//! and each keeps its own compare-and-set; the changes go out as one
+//! message; a final task leaves its partition's live set.
 
 mod common;
 
@@ -14,23 +15,33 @@ use server::task::policy::NextDue;
 use std::time::Duration;
 
 async fn created(store: &Store, session: &str) -> Stored {
-    let task = new_task("simulate", None, 1_000);
+    let task = new_task(session, "simulate", None, 1_000);
     store.create_session(session, 1_000).await.unwrap();
+    store.create_task(session, &task, "b-1").await.unwrap();
+    // The id falls in its session's partition: found from the id alone.
+    assert_eq!(keys::partition_of(&task.id), keys::partition_of(session));
+    assert_eq!(
+        store.session_of(&task.id).await.unwrap().as_deref(),
+        Some(session)
+    );
+    // Another session does not see it.
+    assert!(store.load("s-other", &task.id).await.unwrap().is_none());
     store
-        .create_task(session, &task, "b-1", keys::DUE)
+        .load(session, &task.id)
         .await
-        .unwrap();
-    store.load(&task.id).await.unwrap().expect("just created")
+        .unwrap()
+        .expect("just created")
 }
 
-async fn due_score(redis: &RedisServer, id: &str) -> Option<f64> {
+/// Whether task `id` is in its partition's live set.
+async fn live(redis: &RedisServer, id: &str) -> bool {
     let mut c = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    redis::cmd("ZSCORE")
-        .arg(keys::DUE)
+    redis::cmd("SISMEMBER")
+        .arg(keys::live(keys::partition_of(id)))
         .arg(id)
         .query_async(&mut c)
         .await
@@ -60,13 +71,13 @@ async fn saves_of_one_moment_keep_each_compare_and_set() {
     });
     let track = stored.tracked.track;
     let (sa, sb) = tokio::join!(
-        store.save(&a, keys::DUE, 0, track, NextDue::At(5_000), 60),
-        store.save(&b, keys::DUE, 0, track, NextDue::At(6_000), 60),
+        store.save(&a, 0, track, NextDue::At(5_000), 60),
+        store.save(&b, 0, track, NextDue::At(6_000), 60),
     );
     let mut outcomes = [sa.unwrap(), sb.unwrap()];
     outcomes.sort_by_key(|s| *s != Saved::Done);
     assert_eq!(outcomes, [Saved::Done, Saved::Conflict]);
-    let now = store.load(&id).await.unwrap().unwrap().tracked.task;
+    let now = store.load("s-1", &id).await.unwrap().unwrap().tracked.task;
     assert_eq!(now.seq, 1);
     assert!(now.done == 1 || now.done == 2);
 
@@ -82,9 +93,11 @@ async fn saves_of_one_moment_keep_each_compare_and_set() {
         ("s-1", Some("b-1"))
     );
     assert_eq!(events[0].t.as_ref().unwrap().done, now.done);
+    assert!(live(&redis, &id).await);
+    // The new task was put in its partition's inbox for the owner.
     assert_eq!(
-        due_score(&redis, &id).await,
-        Some(if now.done == 1 { 5_000.0 } else { 6_000.0 })
+        store.take_new(keys::partition_of(&id), 10).await.unwrap(),
+        vec![id.clone()]
     );
 }
 
@@ -96,29 +109,29 @@ async fn a_final_save_in_the_same_batch_as_an_unchanged_one_leaves_the_queue() {
     let id = stored.tracked.task.id.clone();
     let track = stored.tracked.track;
 
-    // A poll that changed nothing (it only moves the queue entry) and a
-    // cancel that ends the task, from the same seq, in one batch: both
-    // hold, in that order, and the final task is out of the queue.
+    // A poll that changed nothing (it writes nothing) and a cancel that
+    // ends the task, from the same seq, in one batch: both hold, in that
+    // order, and the final task is out of the live set.
     let mut cancelled = stored.clone();
     cancelled.tracked.commit(app::protocol::Task {
         state: TaskState::Cancelled,
         ..cancelled.tracked.task.clone()
     });
     let (poll, cancel) = tokio::join!(
-        store.save(&stored, keys::DUE, 0, track, NextDue::At(5_000), 60),
-        store.save(&cancelled, keys::DUE, 0, track, NextDue::Final, 60),
+        store.save(&stored, 0, track, NextDue::At(5_000), 60),
+        store.save(&cancelled, 0, track, NextDue::Final, 60),
     );
     assert_eq!(cancel.unwrap(), Saved::Done);
     assert!(matches!(poll.unwrap(), Saved::Done | Saved::Conflict));
-    let now = store.load(&id).await.unwrap().unwrap().tracked.task;
+    let now = store.load("s-2", &id).await.unwrap().unwrap().tracked.task;
     assert_eq!((now.state, now.seq), (TaskState::Cancelled, 1));
-    assert_eq!(due_score(&redis, &id).await, None);
+    assert!(!live(&redis, &id).await);
 
-    // A task that is gone: the save says so and drops its queue entry.
+    // A task that is gone: the save says so.
     assert!(store.forget("s-2", &id).await.unwrap());
     assert_eq!(
         store
-            .save(&cancelled, keys::DUE, 1, track, NextDue::Final, 60)
+            .save(&cancelled, 1, track, NextDue::Final, 60)
             .await
             .unwrap(),
         Saved::Gone

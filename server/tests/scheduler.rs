@@ -93,7 +93,7 @@ impl Rig {
 
     /// Records a task as started on the task service under `bid`.
     async fn create(&self, conn: &Conn, bid: &str) -> Arc<str> {
-        let task = new_task("simulate", None, self.clock.now_ms());
+        let task = new_task("s", "simulate", None, self.clock.now_ms());
         self.memory.create(&conn.session, &task, bid).await.unwrap();
         self.fanout.accepted(conn, "r".into(), &task);
         task.id.as_str().into()
@@ -271,7 +271,7 @@ async fn an_unreachable_service_backs_off_then_gives_up() {
         engine(backend.clone(), policy(500, 10_000, 600_000), clock);
     let (session, _) = engine.resolve_session(None).await.unwrap();
     let conn = engine.connect(session, View::Session).await.unwrap();
-    let task = new_task("simulate", None, clock.now_ms());
+    let task = new_task("s", "simulate", None, clock.now_ms());
     memory.create(&conn.session, &task, "x").await.unwrap();
     fanout.accepted(&conn, "r".into(), &task);
     tokio::time::sleep(Duration::from_secs(20)).await;

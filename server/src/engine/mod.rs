@@ -351,7 +351,7 @@ impl Engine {
             })?;
         }
         let slot = self.backends.slot(target.slot);
-        let task = new_task(kind, Some(params), self.clock.now_ms());
+        let task = new_task(session, kind, Some(params), self.clock.now_ms());
         // The webhook is known before the task can end (its first poll is due
         // as soon as it is recorded).
         if let Some(url) = webhook.or(target.webhook) {
@@ -422,11 +422,7 @@ impl Engine {
     pub async fn session_of(&self, task_id: &str) -> Result<Option<Arc<str>>, StoreError> {
         Ok(match &self.imp {
             Imp::Memory(m) => m.table.session_of(task_id),
-            Imp::Redis(r) => r
-                .store
-                .load(task_id)
-                .await?
-                .map(|stored| stored.session.into()),
+            Imp::Redis(r) => r.store.session_of(task_id).await?.map(Into::into),
         })
     }
 
@@ -520,10 +516,7 @@ impl Engine {
         };
         let committed = match &self.imp {
             Imp::Memory(m) => m.commit(task_id, step).await.ok().flatten(),
-            Imp::Redis(r) => {
-                use pipeline::TaskStore;
-                r.commit(task_id, None, None, step).await?
-            }
+            Imp::Redis(r) => r.commit_in(session, task_id, step).await?,
         };
         if let Some(task) = committed.and_then(|c| c.changed) {
             self.fanout.apply(session, &task);

@@ -11,9 +11,35 @@ pub fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A fresh task id: `t` and 24 hex chars.
-pub fn new_task_id() -> String {
-    format!("t{}", random_hex(TASK_ID_BYTES))
+/// A fresh task id: `t` and 24 hex chars, in the same partition as
+/// `session` ([`partition`] of [`PARTITIONS`]): the Redis engine finds a
+/// task's keys from its id alone. The last byte is chosen so (of 256 tries
+/// one in [`PARTITIONS`] fits); the other 88 bits stay random.
+pub fn new_task_id(session: &str) -> String {
+    let want = partition(session);
+    loop {
+        let head = format!("t{}", random_hex(TASK_ID_BYTES - 1));
+        for last in 0..=255u8 {
+            let id = format!("{head}{last:02x}");
+            if partition(&id) == want {
+                return id;
+            }
+        }
+    }
+}
+
+/// How many partitions the Redis engine splits tasks and sessions into.
+/// Fixed: it decides where every key lives in Redis.
+pub const PARTITIONS: u16 = 16;
+
+/// The partition of a session token or task id: FNV-1a of it.
+pub fn partition(s: &str) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % u32::from(PARTITIONS)) as u16
 }
 
 /// Random bytes in a session token (128 bits).

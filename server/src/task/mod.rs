@@ -26,10 +26,11 @@ pub enum PollError {
     },
 }
 
-/// A new task's first state (`queued`, `seq` 0) under a fresh id.
-pub fn new_task(kind: &str, params: Option<serde_json::Value>, now_ms: u64) -> Task {
+/// A new task of `session`: its first state (`queued`, `seq` 0) under a
+/// fresh id (in the session's partition, see [`id::new_task_id`]).
+pub fn new_task(session: &str, kind: &str, params: Option<serde_json::Value>, now_ms: u64) -> Task {
     Task {
-        id: id::new_task_id(),
+        id: id::new_task_id(session),
         kind: kind.to_string(),
         state: TaskState::Queued,
         done: 0,

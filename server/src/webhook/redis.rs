@@ -2,9 +2,13 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `tw:hooks` | hash | task id → webhook URL (registered, not yet final) |
-//! | `tw:hooks:pending` | hash | delivery id → [`Delivery`] JSON |
-//! | `tw:hooks:due` | sorted set | delivery id by next attempt (Unix ms), or by lease end while a process sends it |
+//! | `{tw:hooks}` | hash | task id → webhook URL (registered, not yet final) |
+//! | `{tw:hooks}:pending` | hash | delivery id → [`Delivery`] JSON |
+//! | `{tw:hooks}:due` | sorted set | delivery id by next attempt (Unix ms), or by lease end while a process sends it |
+//!
+//! The three share one hash tag, so the scripts run on a Redis Cluster too
+//! (one slot). The names of earlier versions (`tw:hooks`, ...) are renamed
+//! to these when a process opens a single Redis that still has them.
 //!
 //! A final state takes the registration and queues the delivery in one
 //! script (`lua/enqueue.lua`), so exactly one process queues it; a process
@@ -13,20 +17,25 @@
 
 use super::store::{Claimed, Delivery, Enqueued};
 use super::WebhookError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::engine::redis::conn::{self, Conn};
 use redis::Script;
 use std::sync::LazyLock;
-use std::time::Duration;
 
-pub const HOOKS: &str = "tw:hooks";
-pub const PENDING: &str = "tw:hooks:pending";
-pub const DUE: &str = "tw:hooks:due";
+pub const HOOKS: &str = "{tw:hooks}";
+pub const PENDING: &str = "{tw:hooks}:pending";
+pub const DUE: &str = "{tw:hooks}:due";
+/// The names of versions before the hash tag, renamed on open.
+const OLD: [(&str, &str); 3] = [
+    ("tw:hooks", HOOKS),
+    ("tw:hooks:pending", PENDING),
+    ("tw:hooks:due", DUE),
+];
 
 static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/enqueue.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 
 pub struct RedisQueue {
-    conn: ConnectionManager,
+    conn: Conn,
     max_queue: usize,
     /// How long a claim holds a delivery: longer than one attempt.
     lease_ms: u64,
@@ -35,14 +44,24 @@ pub struct RedisQueue {
 impl RedisQueue {
     /// Connects lazily, like the engine's store: start-up does not wait
     /// for Redis, and calls fail fast while it is away.
-    pub fn open(url: &str, max_queue: usize, lease_ms: u64) -> Result<RedisQueue, WebhookError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    pub async fn open(
+        url: &str,
+        max_queue: usize,
+        lease_ms: u64,
+    ) -> Result<RedisQueue, WebhookError> {
+        let target = conn::open(url)?;
+        let conn = target.conn;
+        if !target.cluster {
+            // Best effort: a Redis that is down has nothing to rename now.
+            let mut c = conn.clone();
+            for (old, new) in OLD {
+                let _: Result<i64, _> = redis::cmd("RENAMENX")
+                    .arg(old)
+                    .arg(new)
+                    .query_async(&mut c)
+                    .await;
+            }
+        }
         Ok(RedisQueue {
             conn,
             max_queue,

@@ -75,7 +75,7 @@ impl Backing {
             DeliveryStore::Memory => Backing::Local(Local::memory(max_queue)),
             DeliveryStore::File(dir) => Backing::Local(Local::open(&dir, max_queue).await?),
             DeliveryStore::Redis(url) => {
-                Backing::Redis(RedisQueue::open(&url, max_queue, lease_ms)?)
+                Backing::Redis(RedisQueue::open(&url, max_queue, lease_ms).await?)
             }
         })
     }

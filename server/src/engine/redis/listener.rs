@@ -122,7 +122,7 @@ impl Listener {
                 // so nothing is missing once it is applied; Redis is read
                 // all the same, in case more was lost after it.
                 metrics::counter!(m::REDIS_SEQ_GAPS).increment(1);
-                match self.store.load(&id).await {
+                match self.store.load(&event.s, &id).await {
                     Ok(Some(stored)) => self.apply(&stored.session, &stored.tracked.task),
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "reading a task after a seq gap failed"),

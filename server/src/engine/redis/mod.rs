@@ -1,11 +1,12 @@
-//! The Redis engine (`--redis URL`): Redis holds sessions, tasks and the
-//! delay queue ([`store`], [`keys`], `lua/`), shared by any number of
-//! processes, with a delay queue per backend ([`keys::due`]). Workers claim
-//! due polls from it, a claim loop per backend ([`worker`]); each web process
-//! follows the changes of the sessions connected to it over pub/sub
-//! ([`listener`]) into its fanout. Its half of the engine interface: what
-//! [`super::Engine`] asks of whichever engine runs.
+//! The Redis engine (`--redis URL`): Redis (one server or a Redis Cluster,
+//! [`conn`]) holds sessions and tasks ([`store`], [`keys`], `lua/`), split
+//! into partitions by session, shared by any number of processes. Workers
+//! own whole partitions and keep their delay queues in memory ([`worker`]);
+//! each web process follows the changes of the sessions connected to it
+//! over pub/sub ([`listener`]) into its fanout. Its half of the engine
+//! interface: what [`super::Engine`] asks of whichever engine runs.
 
+pub mod conn;
 pub mod keys;
 pub mod listener;
 pub mod store;
@@ -13,13 +14,12 @@ pub mod worker;
 
 use super::admission::{Refusal, StartLimits};
 use super::backends::Backends;
-use super::pipeline::{next_due, Committed, TaskStore};
+use super::pipeline::{next_due, Committed};
 use crate::clock::Clock;
 use crate::metrics as m;
 use crate::task::id::{is_session_token, new_session_token, random_hex};
 use crate::task::{Step, Tracked};
 use app::protocol::Task;
-use std::future::Future;
 use std::sync::Arc;
 use store::{Saved, Store, StoreError, Stored};
 
@@ -33,9 +33,6 @@ pub struct RedisEngine {
     clock: Clock,
     /// How long a final task stays in Redis.
     retention_s: u64,
-    backends: Backends,
-    /// Each backend's delay queue, in the backends' order.
-    dues: Arc<[String]>,
     /// Told of every final state committed here (webhooks).
     pub finals: super::finals::Finals,
 }
@@ -44,31 +41,13 @@ pub struct RedisEngine {
 pub struct Nonce(String);
 
 impl RedisEngine {
-    pub fn new(store: Store, clock: Clock, retention_s: u64, backends: &Backends) -> Self {
-        let dues = backends
-            .slots()
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| keys::due(i, &slot.name))
-            .collect();
+    pub fn new(store: Store, clock: Clock, retention_s: u64, _backends: &Backends) -> Self {
         RedisEngine {
             store,
             clock,
             retention_s,
-            backends: backends.clone(),
-            dues,
             finals: Default::default(),
         }
-    }
-
-    /// The delay queue of each backend, in the backends' order.
-    pub fn dues(&self) -> &[String] {
-        &self.dues
-    }
-
-    /// The delay queue of a task of `backend_id` (as stored).
-    pub fn due_of(&self, backend_id: &str) -> &str {
-        &self.dues[self.backends.slot_of(backend_id)]
     }
 
     pub async fn resolve_session(
@@ -118,9 +97,7 @@ impl RedisEngine {
         task: &Task,
         backend_id: &str,
     ) -> Result<(), StoreError> {
-        self.store
-            .create_task(session, task, backend_id, self.due_of(backend_id))
-            .await
+        self.store.create_task(session, task, backend_id).await
     }
 
     /// A task of `session` and its task-service id.
@@ -131,9 +108,8 @@ impl RedisEngine {
     ) -> Result<Option<(Task, String)>, StoreError> {
         Ok(self
             .store
-            .load(task_id)
+            .load(session, task_id)
             .await?
-            .filter(|stored| stored.session == session)
             .map(|stored| (stored.tracked.task, stored.backend_id)))
     }
 
@@ -141,17 +117,37 @@ impl RedisEngine {
         self.store.forget(session, task_id).await
     }
 
-    /// [`TaskStore::commit`]: compare-and-set on the task's `seq`.
-    async fn commit_from(
+    /// Commits `step` on task `id` of `session` now, not as a poll (a
+    /// `cancel`): compare-and-set on its `seq`. `Ok(None)`: gone.
+    pub async fn commit_in(
         &self,
+        session: &str,
+        id: &str,
+        step: impl FnMut(&mut Tracked, u64) -> Step + Send,
+    ) -> Result<Option<Committed>, StoreError> {
+        Ok(self
+            .commit_stored(session, id, None, None, step)
+            .await?
+            .map(|(committed, _)| committed))
+    }
+
+    /// Runs `step` on task `id` of `session` (from `first` when the caller
+    /// read it already) and saves what it decides by compare-and-set on the
+    /// task's `seq`, running it again on the newer state when another
+    /// writer got there first (at most [`CAS_TRIES`] times, then
+    /// [`StoreError::Contended`]). What was committed, and the task as
+    /// saved; `None`: the task is gone.
+    pub async fn commit_stored(
+        &self,
+        session: &str,
         id: &str,
         first: Option<Stored>,
         due_ms: Option<u64>,
         mut step: impl FnMut(&mut Tracked, u64) -> Step + Send,
-    ) -> Result<Option<Committed>, StoreError> {
+    ) -> Result<Option<(Committed, Stored)>, StoreError> {
         let mut stored = match first {
             Some(stored) => stored,
-            None => match self.store.load(id).await? {
+            None => match self.store.load(session, id).await? {
                 Some(stored) => stored,
                 None => return Ok(None),
             },
@@ -168,54 +164,31 @@ impl RedisEngine {
             let next = next_due(outcome.decision, &stored.tracked, due_ms, now);
             match self
                 .store
-                .save(
-                    &stored,
-                    self.due_of(&stored.backend_id),
-                    loaded_seq,
-                    loaded_track,
-                    next,
-                    self.retention_s,
-                )
+                .save(&stored, loaded_seq, loaded_track, next, self.retention_s)
                 .await?
             {
                 Saved::Done => {
                     if changed && stored.tracked.task.state.is_final() {
                         self.finals.reached(&stored.tracked.task);
                     }
-                    return Ok(Some(Committed {
+                    let committed = Committed {
                         next,
                         changed: changed.then(|| stored.tracked.task.clone()),
-                    }));
+                    };
+                    return Ok(Some((committed, stored)));
                 }
                 Saved::Gone => return Ok(None),
                 Saved::Conflict => {
                     metrics::counter!(m::REDIS_CAS_CONFLICTS).increment(1);
-                    match self.store.load(id).await? {
+                    match self.store.load(session, id).await? {
                         Some(again) => stored = again,
                         None => return Ok(None),
                     }
                 }
             }
         }
-        // Still contended: a poll's claim runs out and it comes due again.
-        Ok(None)
-    }
-}
-
-impl TaskStore for RedisEngine {
-    type Error = StoreError;
-    type Loaded = Stored;
-
-    fn commit<F>(
-        &self,
-        id: &str,
-        first: Option<Stored>,
-        due_ms: Option<u64>,
-        step: F,
-    ) -> impl Future<Output = Result<Option<Committed>, StoreError>> + Send
-    where
-        F: FnMut(&mut Tracked, u64) -> Step + Send,
-    {
-        self.commit_from(id, first, due_ms, step)
+        // Still contended: the caller reads it again (the owner's poll) or
+        // says so (a cancel).
+        Err(StoreError::Contended)
     }
 }

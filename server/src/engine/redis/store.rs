@@ -1,27 +1,27 @@
 //! The Redis engine's store: the few commands and scripts the web and
 //! worker roles need. Every multi-key change is one script (`lua/`), so it
 //! is atomic; every change to a task bumps its `seq` by compare-and-set and
-//! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`] (one
-//! Redis, not a cluster: `load_session.lua` derives task keys from the ids it
-//! reads).
+//! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`]; every
+//! call touches the keys of one partition (one hash tag), so it runs the
+//! same on one Redis and on a Redis Cluster ([`super::conn`]).
 //!
 //! Saves are batched: a process's saves of the same moment (a worker's
 //! polls that finished within [`SAVE_LINGER`]) go to Redis as one script
-//! call, which runs each compare-and-set in turn, moves the queue entries
-//! with one `ZADD` per queue and publishes the changes as one message (a
-//! JSON array of [`Event`]s). A save whose task and poll memory did not
-//! change writes only the queue entry.
-//! The delay-queue commands take the backend's queue ([`keys::due`]); the
-//! engine knows which backend a task belongs to.
+//! call per partition, which runs each compare-and-set in turn and
+//! publishes the changes as one message (a JSON array of [`Event`]s). A
+//! save whose task and poll memory did not change writes nothing.
+//! The partition commands (leases, inbox, live set) serve the worker that
+//! owns partitions (`worker.rs`).
 
-use super::keys::{self, EVENTS, TASK_PREFIX, WAKE};
+use super::conn::{self, Conn};
+use super::keys::{self, EVENTS, PARTITIONS, PARTITION_COUNT, WAKE, WORKERS};
 use crate::engine::admission::{Refusal, StartLimits, PENDING_STALE, START_WINDOW};
 use crate::task::policy::NextDue;
 use crate::task::{Track, Tracked};
 use app::protocol::Task;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -38,6 +38,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("taskwire's store holds a task it cannot read: {0}")]
     Corrupt(String),
+    #[error("the task kept changing under every try to save it")]
+    Contended,
 }
 
 /// What goes over [`EVENTS`]: a task's new state, or a forgotten task.
@@ -85,32 +87,39 @@ static SAVE_MANY: LazyLock<Script> =
 /// Saves per script call, at most.
 const SAVE_BATCH: usize = 256;
 /// How long the first save of a batch waits for others to join it: the
-/// price, in staleness, of one script call and one message for many polls.
-pub const SAVE_LINGER: Duration = Duration::from_millis(2);
+/// price, in staleness, of one script call and one message for many polls
+/// of a partition.
+pub const SAVE_LINGER: Duration = Duration::from_millis(8);
 
 static LOAD_SESSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/load_session.lua")));
 
 static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/forget.lua")));
 
-static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
-/// Lease renewal of the polls a worker is running (see `worker.rs`).
-static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/renew.lua")));
+/// A worker's lease on a partition: renew or release (see `worker.rs`).
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/lease.lua")));
 
-static RELOCATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/relocate.lua")));
+/// The fields of a task's hash the engine reads, in [`stored_from`]'s order.
+const FIELDS: [&str; 5] = ["task", "seq", "session", "backend", "track"];
 
-/// A connection to Redis that reconnects by itself (cheap to clone).
+/// A connection to Redis or a Redis Cluster that reconnects by itself
+/// (cheap to clone).
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Conn,
+    /// Clients for pub/sub connections (a cluster's seeds, in turn).
+    pubsub: Arc<[redis::Client]>,
+    /// Whether `conn` is a cluster.
+    cluster: bool,
     /// The batcher of saves ([`save_batches`]), started by the first save.
     saves: Arc<OnceLock<mpsc::UnboundedSender<SaveReq>>>,
 }
 
 /// One compare-and-set save waiting for its batch.
 struct SaveReq {
-    /// `task`, `due`, `live` keys.
+    /// The task's partition: a batch's calls go one per partition.
+    part: u16,
+    /// `task`, `live`, `session live` keys.
     keys: [String; 3],
     /// `seq`, task json, track json, next, id, event head, final flag, retention.
     args: [String; 8],
@@ -119,42 +128,75 @@ struct SaveReq {
 
 impl Store {
     /// Connects lazily: the process starts even while Redis is down, and
-    /// every call fails fast (about a second) until it is back.
+    /// every call fails fast (about a second) until it is back. `url` names
+    /// one Redis or a cluster ([`conn::cluster_seeds`]).
     pub fn open(url: &str) -> Result<Store, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let target = conn::open(url)?;
         Ok(Store {
-            conn,
-            client,
+            conn: target.conn,
+            pubsub: target.pubsub.into(),
+            cluster: target.cluster,
             saves: Default::default(),
         })
     }
 
-    /// A new pub/sub connection subscribed to `channel` (within 2 s).
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// A new pub/sub connection subscribed to `channel` (within 2 s), on
+    /// the first node that answers.
     pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
-        let connect = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(channel).await?;
-            Ok(pubsub)
-        };
-        tokio::time::timeout(Duration::from_secs(2), connect)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Redis(redis::RedisError::from(
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "subscribing timed out"),
-                )))
-            })
+        let mut last = None;
+        for client in self.pubsub.iter() {
+            let connect = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::time::timeout(Duration::from_secs(2), connect).await {
+                Ok(Ok(pubsub)) => return Ok(pubsub),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "subscribing timed out",
+                    )))
+                }
+            }
+        }
+        Err(StoreError::Redis(last.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis node"))
+        })))
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         redis::cmd("PING").query_async::<()>(&mut c).await?;
         Ok(())
+    }
+
+    /// Records the partition count on first use, and refuses a Redis whose
+    /// data was written with another one (every key would be elsewhere).
+    pub async fn check_partitions(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(PARTITION_COUNT)
+            .arg(PARTITIONS)
+            .arg("NX")
+            .query_async(&mut c)
+            .await?;
+        let found: Option<String> = redis::cmd("GET")
+            .arg(PARTITION_COUNT)
+            .query_async(&mut c)
+            .await?;
+        match found.as_deref() {
+            Some(n) if n != PARTITIONS.to_string() => Err(StoreError::Corrupt(format!(
+                "this Redis holds data in {n} partitions; this taskwire uses {PARTITIONS}"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `token` names a live session (refreshing its lifetime).
@@ -223,14 +265,13 @@ impl Store {
         Ok(())
     }
 
-    /// Records a new task in its backend's delay queue `due`, due for its
-    /// first poll at once, and tells the web processes and the workers.
+    /// Records a new task in its session's partition, due for its first
+    /// poll at once, and tells the web processes and the partition's owner.
     pub async fn create_task(
         &self,
         session: &str,
         task: &Task,
         backend_id: &str,
-        due: &str,
     ) -> Result<(), StoreError> {
         let event = Event {
             s: session.into(),
@@ -238,10 +279,12 @@ impl Store {
             t: Some(task.clone()),
             forget: None,
         };
+        let part = keys::partition_of(session);
         let mut c = self.conn.clone();
         CREATE
-            .key(keys::task(&task.id))
-            .key(due)
+            .key(keys::task(part, &task.id))
+            .key(keys::live(part))
+            .key(keys::inbox(part))
             .key(keys::session_sub(session, "tasks"))
             .key(keys::session_sub(session, "live"))
             .key(keys::session(session))
@@ -254,6 +297,7 @@ impl Store {
             .arg(SESSION_TTL_S)
             .arg(EVENTS)
             .arg(WAKE)
+            .arg(part)
             .invoke_async::<i64>(&mut c)
             .await?;
         Ok(())
@@ -264,7 +308,7 @@ impl Store {
         let mut c = self.conn.clone();
         let flat: Vec<String> = LOAD_SESSION
             .key(keys::session_sub(session, "tasks"))
-            .arg(TASK_PREFIX)
+            .arg(keys::task_prefix(keys::partition_of(session)))
             .invoke_async(&mut c)
             .await?;
         flat.chunks_exact(2)
@@ -272,26 +316,38 @@ impl Store {
             .collect()
     }
 
-    pub async fn load(&self, task_id: &str) -> Result<Option<Stored>, StoreError> {
+    /// Task `task_id` of `session` (`None`: gone, or another session's).
+    pub async fn load(&self, session: &str, task_id: &str) -> Result<Option<Stored>, StoreError> {
         let mut c = self.conn.clone();
         let row: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(keys::task(task_id))
-            .arg(&["task", "seq", "session", "backend", "track"])
+            .arg(keys::task(keys::partition_of(session), task_id))
+            .arg(&FIELDS)
             .query_async(&mut c)
             .await?;
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        stored_from([field(0), field(1), field(2), field(3), field(4)])
+        let stored = stored_from([field(0), field(1), field(2), field(3), field(4)])?;
+        Ok(stored.filter(|s| s.session == session))
+    }
+
+    /// The session task `task_id` belongs to (its id names its partition).
+    pub async fn session_of(&self, task_id: &str) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("HGET")
+            .arg(keys::task(keys::partition_of(task_id), task_id))
+            .arg("session")
+            .query_async(&mut c)
+            .await?)
     }
 
     /// Saves `stored` (its task already committed with the next `seq` when
     /// it changed) if nobody changed the task since it was loaded at
-    /// `loaded_seq` with the poll memory `loaded_track`, publishes a
-    /// change, and moves the task's entry in its backend's delay queue
-    /// `due`. Goes to Redis in the next batch of saves.
+    /// `loaded_seq` with the poll memory `loaded_track`, and publishes a
+    /// change; a task turned final (`next` is [`NextDue::Final`]) leaves the
+    /// live sets and expires after `retention_s`. Goes to Redis in the next
+    /// batch of saves of its partition.
     pub async fn save(
         &self,
         stored: &Stored,
-        due: &str,
         loaded_seq: u64,
         loaded_track: Track,
         next: NextDue,
@@ -316,22 +372,23 @@ impl Store {
             String::new()
         };
         let next = match next {
-            NextDue::At(ms) => ms.to_string(),
-            NextDue::Final => "final".into(),
-            NextDue::Keep => "keep".into(),
+            NextDue::Final => "final",
+            NextDue::At(_) | NextDue::Keep => "",
         };
+        let part = keys::partition_of(&stored.session);
         let (reply, outcome) = oneshot::channel();
         let req = SaveReq {
+            part,
             keys: [
-                keys::task(&task.id),
-                due.to_string(),
+                keys::task(part, &task.id),
+                keys::live(part),
                 keys::session_sub(&stored.session, "live"),
             ],
             args: [
                 loaded_seq.to_string(),
                 task_json,
                 track,
-                next,
+                next.into(),
                 task.id.clone(),
                 event_head,
                 if task.state.is_final() { "1" } else { "0" }.into(),
@@ -346,7 +403,7 @@ impl Store {
         });
         if let Err(mpsc::error::SendError(req)) = saver.send(req) {
             // The batcher's runtime is gone (a store outliving it): alone.
-            save_batch(&mut self.conn.clone(), vec![req]).await;
+            save_batch(self.conn.clone(), vec![req]).await;
         }
         outcome.await.unwrap_or_else(|_| {
             Err(StoreError::Redis(redis::RedisError::from((
@@ -366,7 +423,7 @@ impl Store {
         };
         let mut c = self.conn.clone();
         let done: i64 = FORGET
-            .key(keys::task(task_id))
+            .key(keys::task(keys::partition_of(session), task_id))
             .key(keys::session_sub(session, "tasks"))
             .arg(session)
             .arg(task_id)
@@ -377,141 +434,160 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Claims up to `max` polls due by `now_ms` from the delay queue `due`,
-    /// each leased until `lease_until` (a lease score, see `worker.rs`),
-    /// then reads their tasks (one pipeline of `HMGET`s).
-    pub async fn claim(
+    /// A worker's heartbeat: it is live until `until_ms`; drops the workers
+    /// whose heartbeat ended before `now_ms`. The live workers' ids, sorted.
+    pub async fn heartbeat(
         &self,
-        due: &str,
+        worker: &str,
         now_ms: u64,
-        max: usize,
-        lease_until: f64,
-    ) -> Result<Claimed, StoreError> {
+        until_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
         let mut c = self.conn.clone();
-        let mut flat: Vec<String> = CLAIM
-            .key(due)
+        let (mut live,): (Vec<String>,) = redis::pipe()
+            .zadd(WORKERS, worker, until_ms)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(WORKERS)
+            .arg("-inf")
             .arg(now_ms)
-            .arg(max)
-            .arg(lease_until)
-            .invoke_async(&mut c)
+            .ignore()
+            .zrange(WORKERS, 0, -1)
+            .query_async(&mut c)
             .await?;
-        let next_due = flat.pop().and_then(|s| parse_score(&s));
-        if flat.is_empty() {
-            return Ok(Claimed {
-                due: Vec::new(),
-                next_due,
-            });
-        }
-        let mut read = redis::pipe();
-        for pair in flat.chunks_exact(2) {
-            read.cmd("HMGET")
-                .arg(keys::task(&pair[0]))
-                .arg(&["task", "seq", "session", "backend", "track"]);
-        }
-        let rows: Vec<Vec<Option<String>>> = read.query_async(&mut c).await?;
-        let claims = flat
-            .chunks_exact(2)
-            .zip(rows)
-            .map(|(pair, row)| {
-                let mut row = row.into_iter().map(Option::unwrap_or_default);
-                let mut field = || row.next().unwrap_or_default();
-                let fields = [field(), field(), field(), field(), field()];
-                Claim {
-                    id: pair[0].clone(),
-                    due_ms: parse_score(&pair[1]).unwrap_or(0),
-                    stored: stored_from(fields),
-                }
-            })
-            .collect();
-        Ok(Claimed {
-            due: claims,
-            next_due,
-        })
+        live.sort();
+        Ok(live)
     }
 
-    /// Renews leases in the delay queue `due`: per `(id, held, new)`, the
-    /// entry moves from score `held` to `new` if it still has `held`.
-    /// Whether each was renewed.
-    pub async fn renew(
+    /// A stopping worker leaves the list at once (its partitions released).
+    pub async fn leave(&self, worker: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("ZREM")
+            .arg(WORKERS)
+            .arg(worker)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes partition `part` for `worker` for `lease_ms` if nobody holds
+    /// it. Whether it did.
+    pub async fn take(&self, part: u16, worker: &str, lease_ms: u64) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(keys::owner(part))
+            .arg(worker)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease_ms)
+            .query_async(&mut c)
+            .await?;
+        Ok(ok.is_some())
+    }
+
+    /// Renews `worker`'s lease on `part` (`release`: drops it). Whether
+    /// the lease was still the worker's.
+    pub async fn lease(
         &self,
-        due: &str,
-        leases: &[(&str, f64, f64)],
-    ) -> Result<Vec<bool>, StoreError> {
-        if leases.is_empty() {
+        part: u16,
+        worker: &str,
+        lease_ms: u64,
+        release: bool,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let held: i64 = LEASE
+            .key(keys::owner(part))
+            .arg(worker)
+            .arg(lease_ms)
+            .arg(if release { "release" } else { "renew" })
+            .invoke_async(&mut c)
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Takes up to `max` ids from the partition's inbox of new tasks.
+    pub async fn take_new(&self, part: u16, max: usize) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn.clone();
+        let ids: Option<Vec<String>> = redis::cmd("LPOP")
+            .arg(keys::inbox(part))
+            .arg(max)
+            .query_async(&mut c)
+            .await?;
+        Ok(ids.unwrap_or_default())
+    }
+
+    /// Empties the partition's inbox (its new owner reads the live set).
+    pub async fn clear_new(&self, part: u16) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(keys::inbox(part))
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The ids of the partition's live tasks.
+    pub async fn live_ids(&self, part: u16) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("SMEMBERS")
+            .arg(keys::live(part))
+            .query_async(&mut c)
+            .await?)
+    }
+
+    /// Reads tasks of partition `part` (one pipeline of `HMGET`s): each
+    /// `None` when gone.
+    pub async fn read(
+        &self,
+        part: u16,
+        ids: &[String],
+    ) -> Result<Vec<Result<Option<Stored>, StoreError>>, StoreError> {
+        if ids.is_empty() {
             return Ok(Vec::new());
         }
         let mut c = self.conn.clone();
-        let mut call = RENEW.key(due);
-        for (id, held, new) in leases {
-            call.arg(*id).arg(*held).arg(*new);
+        let mut read = redis::pipe();
+        for id in ids {
+            read.cmd("HMGET").arg(keys::task(part, id)).arg(&FIELDS);
         }
-        let flags: Vec<i64> = call.invoke_async(&mut c).await?;
-        Ok(flags.into_iter().map(|f| f == 1).collect())
+        let rows: Vec<Vec<Option<String>>> = read.query_async(&mut c).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let mut row = row.into_iter().map(Option::unwrap_or_default);
+                let mut field = || row.next().unwrap_or_default();
+                stored_from([field(), field(), field(), field(), field()])
+            })
+            .collect())
     }
 
-    /// Puts a claimed poll back into `due`, due at `due_ms` (a rate cap
-    /// deferred it).
-    pub async fn defer(&self, due: &str, task_id: &str, due_ms: u64) -> Result<(), StoreError> {
+    /// Takes a task that is gone (or final) out of its partition's live set.
+    pub async fn drop_live(&self, part: u16, id: &str) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        // XX: only if still queued (it may have turned final meanwhile).
-        redis::cmd("ZADD")
-            .arg(due)
-            .arg("XX")
-            .arg(due_ms)
-            .arg(task_id)
+        redis::cmd("SREM")
+            .arg(keys::live(part))
+            .arg(id)
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
     }
 
-    /// Moves a claimed poll, still under the lease `held`, from the delay
-    /// queue `from` to `to` (its task's own backend's), due at `due_ms`,
-    /// and wakes that queue's workers. Whether it moved.
-    pub async fn relocate(
-        &self,
-        from: &str,
-        to: &str,
-        task_id: &str,
-        held: f64,
-        due_ms: u64,
-    ) -> Result<bool, StoreError> {
+    /// Live tasks of partition `part` (for tests and metrics).
+    pub async fn live_len(&self, part: u16) -> Result<u64, StoreError> {
         let mut c = self.conn.clone();
-        let moved: i64 = RELOCATE
-            .key(from)
-            .key(to)
-            .arg(task_id)
-            .arg(held)
-            .arg(due_ms)
-            .arg(WAKE)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(moved == 1)
-    }
-
-    /// Takes a task out of the delay queue `due`.
-    pub async fn remove_due(&self, due: &str, task_id: &str) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
-        redis::cmd("ZREM")
-            .arg(due)
-            .arg(task_id)
-            .query_async::<()>(&mut c)
-            .await?;
-        Ok(())
-    }
-
-    /// Entries of the delay queue `due` (for tests and metrics).
-    pub async fn queue_len(&self, due: &str) -> Result<u64, StoreError> {
-        let mut c = self.conn.clone();
-        Ok(redis::cmd("ZCARD").arg(due).query_async(&mut c).await?)
+        Ok(redis::cmd("SCARD")
+            .arg(keys::live(part))
+            .query_async(&mut c)
+            .await?)
     }
 }
 
 /// Collects saves into batches: the first waits [`SAVE_LINGER`] for others
-/// (at most [`SAVE_BATCH`]), then the batch goes as one script call; the
-/// saves that arrive meanwhile form the next. The channel is unbounded
-/// because its callers bound it: each is a poll holding a permit of its
-/// backend, or a `cancel` of a connection holding a request permit.
-async fn save_batches(conn: ConnectionManager, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
+/// (at most [`SAVE_BATCH`]), then the batch goes as one script call per
+/// partition, the partitions' calls at once; the saves that arrive
+/// meanwhile form the next. The channel is unbounded because its callers
+/// bound it: each is a poll holding a permit of its backend, or a `cancel`
+/// of a connection holding a request permit.
+async fn save_batches(conn: Conn, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
     let mut batch = Vec::with_capacity(SAVE_BATCH);
     while let Some(first) = saves.recv().await {
         batch.push(first);
@@ -527,12 +603,22 @@ async fn save_batches(conn: ConnectionManager, mut saves: mpsc::UnboundedReceive
                 _ = &mut linger => break,
             }
         }
-        save_batch(&mut conn.clone(), std::mem::take(&mut batch)).await;
+        let mut parts: HashMap<u16, Vec<SaveReq>> = HashMap::new();
+        for req in batch.drain(..) {
+            parts.entry(req.part).or_default().push(req);
+        }
+        futures::future::join_all(
+            parts
+                .into_values()
+                .map(|reqs| save_batch(conn.clone(), reqs)),
+        )
+        .await;
     }
 }
 
-/// One script call for `batch`; each save's outcome to its caller.
-async fn save_batch(conn: &mut ConnectionManager, batch: Vec<SaveReq>) {
+/// One script call for `batch` (saves of one partition); each save's
+/// outcome to its caller.
+async fn save_batch(mut conn: Conn, batch: Vec<SaveReq>) {
     let mut call = SAVE_MANY.prepare_invoke();
     call.arg(EVENTS);
     for req in &batch {
@@ -543,7 +629,7 @@ async fn save_batch(conn: &mut ConnectionManager, batch: Vec<SaveReq>) {
             call.arg(arg);
         }
     }
-    let outcomes: Result<Vec<i64>, redis::RedisError> = call.invoke_async(conn).await;
+    let outcomes: Result<Vec<i64>, redis::RedisError> = call.invoke_async(&mut conn).await;
     match outcomes {
         Ok(outcomes) => {
             for (req, outcome) in batch.into_iter().zip(outcomes) {
@@ -560,24 +646,6 @@ async fn save_batch(conn: &mut ConnectionManager, batch: Vec<SaveReq>) {
             }
         }
     }
-}
-
-/// What [`Store::claim`] got.
-#[derive(Debug, Default)]
-pub struct Claimed {
-    pub due: Vec<Claim>,
-    /// When the earliest poll left in the queue is due (Unix ms).
-    pub next_due: Option<u64>,
-}
-
-/// One claimed poll.
-#[derive(Debug)]
-pub struct Claim {
-    pub id: String,
-    /// When the poll was due (Unix ms).
-    pub due_ms: u64,
-    /// The task as the claim read it (`None`: it is gone).
-    pub stored: Result<Option<Stored>, StoreError>,
 }
 
 /// A task from its hash fields `task`, `seq`, `session`, `backend`,
@@ -601,10 +669,6 @@ fn stored_from(fields: [String; 5]) -> Result<Option<Stored>, StoreError> {
         session,
         backend_id,
     }))
-}
-
-fn parse_score(s: &str) -> Option<u64> {
-    s.parse::<f64>().ok().map(|f| f.max(0.0) as u64)
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {

@@ -1,333 +1,660 @@
-//! The Redis engine's poll worker: claims due polls from the shared delay
-//! queues (a sorted set per backend scored by due time, [`super::keys::due`]),
-//! polls the task service, and saves each outcome by compare-and-set, which
-//! publishes the change and queues the task's next poll.
+//! The Redis engine's poll worker. The task space is split into
+//! [`PARTITIONS`] partitions ([`keys::partition_of`]); each worker owns
+//! whole partitions and keeps their delay queues in its own memory — one
+//! queue per backend, with that backend's permits, rate cap and poll
+//! context, like the memory engine — so a poll costs Redis only its save
+//! (a compare-and-set, batched per partition by the store), no claim and no
+//! read.
 //!
-//! One claim loop per backend, each with that backend's permits, rate cap
-//! and poll context, like the memory engine's queue per backend: a backend
-//! that is slow or down fills only its own permits and its own queue, and
-//! never delays another backend's claims. A loop that claims a task of
-//! another backend (the backends were reordered or renamed) moves it to
-//! that backend's queue instead of polling it.
+//! **Ownership.** Every worker keeps a heartbeat in `tw:workers` (it is
+//! live until [`LEASE_MS`] after its last one) and, every [`RENEW_EVERY`],
+//! reads the live workers and assigns partition `p` to the `p mod W`-th of
+//! them (sorted by id): every worker computes the same assignment. It
+//! renews the leases (`{tw:p}:owner`, [`LEASE_MS`]) of the partitions
+//! assigned to it, releases the others (after dropping their polls), and
+//! takes the free ones assigned to it (`SET NX PX`). Taking a partition
+//! reads its live tasks from Redis (the live set, then the tasks), each due
+//! within the next [`MAX_SLEEP`] — where the last owner left them is not
+//! kept anywhere but in its memory, so nothing is written per poll for it.
 //!
-//! A claim moves the entry to the end of a short lease ([`LEASE_MS`]),
-//! atomically, so exactly one worker has a task at a time. The live worker
-//! renews the leases of the polls it runs every [`RENEW_EVERY`] (however
-//! long the task service takes), and drops a poll whose lease it could not
-//! keep, so no two workers ever poll one task at once; when a worker dies
-//! its leases run out within [`LEASE_MS`] and another worker takes them:
-//! its tasks are polled again within about 2 s.
+//! **New tasks** go into their partition's inbox (`{tw:p}:new`) and wake
+//! the owner (`tw:wake` names the partition); the owner takes them from the
+//! inbox at once, and looks at every inbox it owns on each ownership round
+//! in case a wake-up was lost.
 //!
-//! Lease scores end in `.5` ([`lease_score`]), due times are whole
-//! milliseconds: renewal moves an entry only while it still holds the
-//! worker's own lease, never a due time a save has set meanwhile.
+//! **Safety.** A worker whose lease renewal fails, or that finds its lease
+//! taken, drops the partition at once (its polls aborted); without a
+//! renewal for longer than the lease less one round it drops it too, so no
+//! two workers poll a partition at once as long as their clocks run at the
+//! same rate. Every save is a compare-and-set on the task's `seq` all the
+//! same: a web process's `cancel` that got there first makes the save
+//! conflict, and the worker goes on from the task as Redis has it.
 //!
-//! No loop spins: after a claim it sleeps until the earliest due time the
-//! claim read (at least [`CLAIM_TICK`], so polls due close together go in
-//! one claim; at most [`MAX_SLEEP`]), or until a new task of its backend
-//! wakes it (`tw:wake` names the queue), a lease needs renewing, or a poll
-//! of its own finishes while its pool was full.
+//! **Failover.** A killed worker's heartbeat and leases run out within
+//! [`LEASE_MS`]; the next round of another worker (at most [`RENEW_EVERY`]
+//! later) takes its partitions: its tasks are polled again within about
+//! 2 s. A worker stopping cleanly releases its partitions and leaves the
+//! list at once.
 
-use super::keys::WAKE;
-use super::store::{Claim, Claimed, Store, StoreError, RETRY_MAX, RETRY_MIN};
+use super::keys::{PARTITIONS, WAKE};
+use super::store::{Store, StoreError, Stored, RETRY_MAX, RETRY_MIN};
 use super::RedisEngine;
 use crate::engine::backends::Backends;
-use crate::engine::pipeline::{Pipeline, PollCtx};
+use crate::engine::pipeline::{Committed, Pipeline, PollCtx, TaskStore};
 use crate::metrics as m;
+use crate::task::id::random_hex;
+use crate::task::policy::NextDue;
+use crate::task::{Step, Tracked};
 use futures::StreamExt;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-/// The longest a worker sleeps without looking at the queue (a lost wake-up
-/// costs at most this).
+/// The longest a worker sleeps without looking at its queues.
 pub const MAX_SLEEP: Duration = Duration::from_millis(500);
-/// Claims per round trip, at most.
-const CLAIM_BATCH: usize = 256;
-/// The shortest sleep between two claims that emptied the due polls: the
-/// polls due meanwhile go in the next claim, together (a claim per poll
-/// would cost Redis a script call each). A poll may be this much late.
-pub const CLAIM_TICK: Duration = Duration::from_millis(5);
-/// How long a claim is the worker's without renewal.
+/// How long a worker's heartbeat and its partition leases last unrenewed.
 pub const LEASE_MS: u64 = 1_500;
-/// How often the worker renews the leases of its polls in flight.
+/// How often a worker renews its heartbeat and leases and rebalances.
 pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE_MS / 3);
+/// Tasks read per round trip when a partition is taken.
+const READ_BATCH: usize = 256;
 
-/// The score of a lease ending at `until_ms`: never a whole millisecond,
-/// so never equal to a due time.
-pub fn lease_score(until_ms: u64) -> f64 {
-    until_ms as f64 + 0.5
-}
-
-/// The polls a worker is running, with the lease each holds.
-#[derive(Default)]
-struct Leases {
-    held: HashMap<String, (f64, AbortHandle)>,
-}
-
-impl Leases {
-    /// Renews every lease; drops the polls whose lease is no longer theirs
-    /// (saved already, or lost) or may run out before the next try.
-    async fn renew(&mut self, store: &Store, due: &str, now_ms: u64) {
-        if self.held.is_empty() {
-            return;
-        }
-        let new = lease_score(now_ms + LEASE_MS);
-        let batch: Vec<(&str, f64, f64)> = self
-            .held
-            .iter()
-            .map(|(id, (held, _))| (id.as_str(), *held, new))
-            .collect();
-        match store.renew(due, &batch).await {
-            Ok(flags) => {
-                let ids: Vec<String> = batch.iter().map(|(id, ..)| id.to_string()).collect();
-                for (id, renewed) in ids.into_iter().zip(flags) {
-                    if renewed {
-                        if let Some(entry) = self.held.get_mut(&id) {
-                            entry.0 = new;
-                        }
-                    } else if let Some((_, poll)) = self.held.remove(&id) {
-                        // Saved (it is finishing) or taken by another
-                        // worker after a lapse: either way not ours.
-                        poll.abort();
-                    }
-                }
-            }
-            Err(e) => {
-                redis_error("renew", &e);
-                // Unrenewed, a lease that ends before the next try may be
-                // claimed elsewhere: stop those polls now.
-                let cutoff = (now_ms + RENEW_EVERY.as_millis() as u64) as f64;
-                self.held.retain(|_, (held, poll)| {
-                    let keep = *held > cutoff;
-                    if !keep {
-                        poll.abort();
-                    }
-                    keep
-                });
-            }
-        }
-    }
-}
-
-/// The worker role's poller: a claim loop per backend.
+/// The worker role's poller.
 pub struct Worker {
     pub engine: RedisEngine,
     pub backends: Backends,
 }
 
 impl Worker {
-    /// Runs until `shutdown` turns true, then lets the polls in flight finish.
+    /// Runs until `shutdown` turns true, then lets the polls in flight
+    /// finish and hands its partitions back.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let store = self.engine.store.clone();
-        let dues = self.engine.dues().to_vec();
-        let wakes: Vec<Arc<Notify>> = dues.iter().map(|_| Arc::new(Notify::new())).collect();
+        if let Err(e) = store.check_partitions().await {
+            // A Redis that is down is waited for; one written with another
+            // partition count is not ours to poll.
+            if let StoreError::Corrupt(_) = e {
+                tracing::error!(error = %e, "the worker does not poll");
+                return;
+            }
+        }
+        let inboxes = Arc::new(Inboxes::default());
         let wake_task = tokio::spawn(wake_on_new_tasks(
-            store,
-            dues.iter().cloned().zip(wakes.iter().cloned()).collect(),
+            store.clone(),
+            inboxes.clone(),
             shutdown.clone(),
         ));
-        let mut loops = JoinSet::new();
-        for (slot, (due, wake)) in dues.into_iter().zip(wakes).enumerate() {
-            let claims = ClaimLoop {
-                engine: self.engine.clone(),
-                backends: self.backends.clone(),
-                slot,
-                due: due.into(),
-                wake,
-            };
-            loops.spawn(claims.run(shutdown.clone()));
-        }
-        while loops.join_next().await.is_some() {}
+        let slots = self.backends.slots();
+        let mut owner = Owner {
+            id: format!("w-{}", random_hex(8)),
+            store,
+            engine: self.engine.clone(),
+            backends: self.backends.clone(),
+            parts: HashMap::new(),
+            epochs: vec![0; PARTITIONS as usize],
+            tasks: HashMap::new(),
+            queues: slots.iter().map(|_| BTreeSet::new()).collect(),
+            pipelines: slots
+                .iter()
+                .map(|s| Pipeline::new(s.ctx.clone(), &s.limits))
+                .collect(),
+            running: vec![0; slots.len()],
+            in_flight: JoinSet::new(),
+            polls: HashMap::new(),
+            inboxes,
+            reload: Vec::new(),
+        };
+        owner.run(shutdown).await;
         wake_task.abort();
     }
 }
 
-/// One backend's claims: its queue, its permits, its rate cap, its leases.
-struct ClaimLoop {
-    engine: RedisEngine,
-    backends: Backends,
-    /// The backend's index.
-    slot: usize,
-    /// Its delay queue.
-    due: Arc<str>,
-    wake: Arc<Notify>,
+/// Which partitions' inboxes may hold new tasks, set by the wake-ups.
+struct Inboxes {
+    dirty: Vec<AtomicBool>,
+    wake: Notify,
 }
 
-impl ClaimLoop {
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let store = self.engine.store.clone();
-        let slot = self.backends.slot(self.slot);
-        let max_in_flight = slot.limits.max_in_flight.max(1);
-        let mut pipeline = Pipeline::new(slot.ctx.clone(), &slot.limits);
-        let backend = ::metrics::Label::new("backend", slot.name.to_string());
-        let clock = slot.ctx.clock;
-        let due_key = self.due.clone();
-        let due = &*due_key;
-        let engine = self.engine;
-        let mut in_flight: JoinSet<String> = JoinSet::new();
-        let mut leases = Leases::default();
-        let mut renewed = Instant::now();
-        let mut retry = RETRY_MIN;
-        let mut depth_read = Instant::now();
-        loop {
-            while let Some(done) = in_flight.try_join_next() {
-                if let Ok(id) = done {
-                    leases.held.remove(&id);
-                }
-            }
-            if renewed.elapsed() >= RENEW_EVERY {
-                renewed = Instant::now();
-                leases.renew(&store, due, clock.now_ms()).await;
-            }
-            if depth_read.elapsed() >= m::UPKEEP_INTERVAL {
-                depth_read = Instant::now();
-                if let Ok(depth) = store.queue_len(due).await {
-                    metrics::gauge!(m::REDIS_QUEUE_DEPTH, vec![backend.clone()]).set(depth as f64);
-                }
-            }
-            let free = max_in_flight.saturating_sub(in_flight.len());
-            let mut sleep = MAX_SLEEP;
-            if free > 0 {
-                let now = clock.now_ms();
-                let batch = free.min(CLAIM_BATCH);
-                let lease = lease_score(now + LEASE_MS);
-                match store.claim(due, now, batch, lease).await {
-                    Ok(Claimed {
-                        due: claims,
-                        next_due,
-                    }) => {
-                        retry = RETRY_MIN;
-                        let full = claims.len() == batch;
-                        for claim in claims {
-                            if let Ok(Some(stored)) = &claim.stored {
-                                let owner = self.backends.slot_of(&stored.backend_id);
-                                if owner != self.slot {
-                                    let to = engine.dues()[owner].as_str();
-                                    let moved =
-                                        store.relocate(due, to, &claim.id, lease, claim.due_ms);
-                                    if let Err(e) = moved.await {
-                                        redis_error("relocate", &e);
-                                    }
-                                    continue;
-                                }
-                            }
-                            let jitter = match pipeline.admit(claim.due_ms) {
-                                Ok(jitter) => jitter,
-                                Err(wait) => {
-                                    let later = now + wait.as_millis() as u64;
-                                    if let Err(e) = store.defer(due, &claim.id, later).await {
-                                        redis_error("defer", &e);
-                                    }
-                                    continue;
-                                }
-                            };
-                            let id = claim.id.clone();
-                            let running = in_flight.spawn(poll(
-                                engine.clone(),
-                                pipeline.ctx().clone(),
-                                due_key.clone(),
-                                claim,
-                                jitter,
-                            ));
-                            leases.held.insert(id, (lease, running));
-                        }
-                        if full {
-                            continue;
-                        }
-                        sleep = next_due.map_or(MAX_SLEEP, |due| {
-                            Duration::from_millis(due.saturating_sub(clock.now_ms()))
-                                .clamp(CLAIM_TICK, MAX_SLEEP)
-                        });
-                    }
-                    Err(e) => {
-                        redis_error("claim", &e);
-                        sleep = retry;
-                        retry = (retry * 2).min(RETRY_MAX);
-                    }
-                }
-            }
-            if sleep.is_zero() {
-                continue;
-            }
-            if !leases.held.is_empty() {
-                sleep = sleep.min(RENEW_EVERY.saturating_sub(renewed.elapsed()));
-            }
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
-                Some(done) = in_flight.join_next(), if free == 0 => {
-                    if let Ok(id) = done {
-                        leases.held.remove(&id);
-                    }
-                }
-            }
-        }
-        // Let the polls in flight finish, their leases kept meanwhile.
-        loop {
-            tokio::select! {
-                done = in_flight.join_next() => match done {
-                    Some(Ok(id)) => { leases.held.remove(&id); }
-                    Some(Err(_)) => {}
-                    None => break,
-                },
-                _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(renewed.elapsed())) => {
-                    renewed = Instant::now();
-                    leases.renew(&store, due, clock.now_ms()).await;
-                }
-            }
+impl Default for Inboxes {
+    fn default() -> Self {
+        Inboxes {
+            dirty: (0..PARTITIONS).map(|_| AtomicBool::new(true)).collect(),
+            wake: Notify::new(),
         }
     }
 }
 
-/// One claimed poll through the pipeline, committed by compare-and-set
-/// from the state the claim read. A failure to reach Redis leaves the claim
-/// to run out; the task comes due again then.
+impl Inboxes {
+    fn mark(&self, part: Option<u16>) {
+        match part.filter(|p| *p < PARTITIONS) {
+            Some(p) => self.dirty[p as usize].store(true, Ordering::Relaxed),
+            None => self
+                .dirty
+                .iter()
+                .for_each(|d| d.store(true, Ordering::Relaxed)),
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self, part: u16) -> bool {
+        self.dirty[part as usize].swap(false, Ordering::Relaxed)
+    }
+}
+
+/// A task of an owned partition.
+struct Entry {
+    part: u16,
+    /// Its backend's index.
+    slot: usize,
+    /// The task as last saved; `None` while its poll runs.
+    stored: Option<Stored>,
+    /// When it is due, while queued.
+    due: u64,
+}
+
+/// An owned partition.
+struct Part {
+    /// The last successful renewal of its lease.
+    renewed: Instant,
+}
+
+/// A poll that finished.
+struct Done {
+    id: Arc<str>,
+    part: u16,
+    slot: usize,
+    /// The partition's epoch when the poll started: a poll of a partition
+    /// dropped meanwhile is not ours to go on with.
+    epoch: u64,
+    outcome: Result<Option<(Stored, NextDue)>, StoreError>,
+}
+
+struct Owner {
+    id: String,
+    store: Store,
+    engine: RedisEngine,
+    backends: Backends,
+    parts: HashMap<u16, Part>,
+    /// Bumped whenever a partition is dropped.
+    epochs: Vec<u64>,
+    tasks: HashMap<Arc<str>, Entry>,
+    /// Each backend's delay queue: `(due ms, task id)`.
+    queues: Vec<BTreeSet<(u64, Arc<str>)>>,
+    pipelines: Vec<Pipeline>,
+    /// Polls in flight per backend.
+    running: Vec<usize>,
+    in_flight: JoinSet<Done>,
+    polls: HashMap<Arc<str>, AbortHandle>,
+    inboxes: Arc<Inboxes>,
+    /// Tasks whose save failed: read again from Redis.
+    reload: Vec<(u16, Arc<str>)>,
+}
+
+impl Owner {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) {
+        let clock = self.backends.slot(0).ctx.clock;
+        let mut round = Instant::now() - RENEW_EVERY;
+        let mut retry = RETRY_MIN;
+        loop {
+            while let Some(done) = self.in_flight.try_join_next() {
+                if let Ok(done) = done {
+                    self.finish(done, clock.now_ms());
+                }
+            }
+            if round.elapsed() >= RENEW_EVERY {
+                round = Instant::now();
+                match self.rebalance(clock.now_ms()).await {
+                    Ok(()) => retry = RETRY_MIN,
+                    Err(e) => {
+                        redis_error("rebalance", &e);
+                        // Try again sooner, backing off while Redis is away.
+                        round = Instant::now() - RENEW_EVERY + retry;
+                        retry = (retry * 2).min(RETRY_MAX);
+                    }
+                }
+                self.inboxes.mark(None);
+                self.report();
+            }
+            self.take_new(clock.now_ms()).await;
+            let now = clock.now_ms();
+            self.dispatch(now);
+            let mut sleep = MAX_SLEEP.min(RENEW_EVERY.saturating_sub(round.elapsed()));
+            for q in &self.queues {
+                if let Some((due, _)) = q.first() {
+                    sleep = sleep.min(Duration::from_millis(due.saturating_sub(now)));
+                }
+            }
+            if sleep.is_zero() && !self.is_full() {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = self.inboxes.wake.notified() => {}
+                _ = tokio::time::sleep(sleep.max(Duration::from_millis(1))) => {}
+                Some(done) = self.in_flight.join_next() => {
+                    if let Ok(done) = done {
+                        self.finish(done, clock.now_ms());
+                    }
+                }
+            }
+        }
+        // Let the polls in flight finish, the leases kept meanwhile.
+        loop {
+            tokio::select! {
+                done = self.in_flight.join_next() => match done {
+                    Some(Ok(done)) => self.finish(done, clock.now_ms()),
+                    Some(Err(_)) => {}
+                    None => break,
+                },
+                _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(round.elapsed())) => {
+                    round = Instant::now();
+                    self.renew_all().await;
+                }
+            }
+        }
+        let parts: Vec<u16> = self.parts.keys().copied().collect();
+        for p in parts {
+            self.drop_part(p);
+            if let Err(e) = self.store.lease(p, &self.id, LEASE_MS, true).await {
+                redis_error("release", &e);
+            }
+        }
+        if let Err(e) = self.store.leave(&self.id).await {
+            redis_error("leave", &e);
+        }
+    }
+
+    /// Whether every backend with due polls has all its permits in use.
+    fn is_full(&self) -> bool {
+        self.queues.iter().enumerate().all(|(slot, q)| {
+            q.is_empty()
+                || self.running[slot] >= self.backends.slot(slot).limits.max_in_flight.max(1)
+        })
+    }
+
+    /// One ownership round: heartbeat, then renew, release and take
+    /// partitions by the assignment every worker computes alike.
+    async fn rebalance(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let workers = self
+            .store
+            .heartbeat(&self.id, now_ms, now_ms + LEASE_MS)
+            .await?;
+        let me = workers.iter().position(|w| *w == self.id);
+        let assigned = |p: u16| match me {
+            Some(i) => p as usize % workers.len() == i,
+            None => false,
+        };
+        // Renew (or hand back) what is ours, all at once.
+        let owned: Vec<u16> = self.parts.keys().copied().collect();
+        let store = &self.store;
+        let id = &self.id;
+        let answers = futures::future::join_all(owned.iter().map(|&p| async move {
+            let release = !assigned(p);
+            (p, release, store.lease(p, id, LEASE_MS, release).await)
+        }))
+        .await;
+        for (p, release, answer) in answers {
+            match answer {
+                Ok(true) if !release => {
+                    if let Some(part) = self.parts.get_mut(&p) {
+                        part.renewed = Instant::now();
+                    }
+                }
+                Ok(_) => self.drop_part(p),
+                Err(e) => {
+                    redis_error("lease", &e);
+                    self.drop_if_stale(p);
+                }
+            }
+        }
+        // Take the free partitions assigned here.
+        let wanted: Vec<u16> = (0..PARTITIONS)
+            .filter(|p| assigned(*p) && !self.parts.contains_key(p))
+            .collect();
+        for p in wanted {
+            if self.store.take(p, &self.id, LEASE_MS).await? {
+                self.parts.insert(
+                    p,
+                    Part {
+                        renewed: Instant::now(),
+                    },
+                );
+                if let Err(e) = self.load_part(p, now_ms).await {
+                    redis_error("take", &e);
+                    self.drop_part(p);
+                    let _ = self.store.lease(p, &self.id, LEASE_MS, true).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Renews every lease (while stopping: no rebalancing).
+    async fn renew_all(&mut self) {
+        let owned: Vec<u16> = self.parts.keys().copied().collect();
+        for p in owned {
+            match self.store.lease(p, &self.id, LEASE_MS, false).await {
+                Ok(true) => {
+                    if let Some(part) = self.parts.get_mut(&p) {
+                        part.renewed = Instant::now();
+                    }
+                }
+                Ok(false) => self.drop_part(p),
+                Err(e) => {
+                    redis_error("lease", &e);
+                    self.drop_if_stale(p);
+                }
+            }
+        }
+    }
+
+    /// Drops `p` if its lease may run out before the next renewal.
+    fn drop_if_stale(&mut self, p: u16) {
+        let limit = Duration::from_millis(LEASE_MS).saturating_sub(RENEW_EVERY);
+        if self
+            .parts
+            .get(&p)
+            .is_some_and(|part| part.renewed.elapsed() >= limit)
+        {
+            self.drop_part(p);
+        }
+    }
+
+    /// Forgets partition `p` here: its tasks out of the queues, its polls
+    /// stopped.
+    fn drop_part(&mut self, p: u16) {
+        if self.parts.remove(&p).is_none() {
+            return;
+        }
+        self.epochs[p as usize] += 1;
+        let queues = &mut self.queues;
+        let polls = &mut self.polls;
+        let running = &mut self.running;
+        self.tasks.retain(|id, entry| {
+            if entry.part != p {
+                return true;
+            }
+            if entry.stored.is_some() {
+                queues[entry.slot].remove(&(entry.due, id.clone()));
+            } else if let Some(poll) = polls.remove(id) {
+                poll.abort();
+                running[entry.slot] = running[entry.slot].saturating_sub(1);
+            }
+            false
+        });
+        self.reload.retain(|(part, _)| *part != p);
+    }
+
+    /// Reads a partition just taken: its live tasks, due within the next
+    /// [`MAX_SLEEP`] (spread, so a takeover is no burst).
+    async fn load_part(&mut self, p: u16, now_ms: u64) -> Result<(), StoreError> {
+        // The live set has every task the inbox could name.
+        self.store.clear_new(p).await?;
+        let ids = self.store.live_ids(p).await?;
+        let spread = MAX_SLEEP.as_millis() as u64;
+        for chunk in ids.chunks(READ_BATCH) {
+            let read = self.store.read(p, chunk).await?;
+            for (i, (id, stored)) in chunk.iter().zip(read).enumerate() {
+                let due = now_ms + (i as u64 * 7919) % spread.max(1);
+                self.admit(p, id, stored, due).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the new tasks of every owned partition whose inbox was marked,
+    /// and the tasks to read again.
+    async fn take_new(&mut self, now_ms: u64) {
+        let owned: Vec<u16> = self.parts.keys().copied().collect();
+        for p in owned {
+            if !self.inboxes.take(p) {
+                continue;
+            }
+            loop {
+                let ids = match self.store.take_new(p, READ_BATCH).await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        redis_error("inbox", &e);
+                        self.inboxes.mark(Some(p));
+                        break;
+                    }
+                };
+                let fresh: Vec<String> = ids
+                    .into_iter()
+                    .filter(|id| !self.tasks.contains_key(id.as_str()))
+                    .collect();
+                let more = fresh.len() == READ_BATCH;
+                self.read_into(p, &fresh, now_ms).await;
+                if !more {
+                    break;
+                }
+            }
+        }
+        let reload = std::mem::take(&mut self.reload);
+        for (p, id) in reload {
+            if self.parts.contains_key(&p) && !self.tasks.contains_key(&id) {
+                self.read_into(p, &[id.to_string()], now_ms).await;
+            }
+        }
+    }
+
+    /// Reads `ids` of partition `p` into the queues, due at `due_ms`.
+    async fn read_into(&mut self, p: u16, ids: &[String], due_ms: u64) {
+        if ids.is_empty() {
+            return;
+        }
+        match self.store.read(p, ids).await {
+            Ok(read) => {
+                for (id, stored) in ids.iter().zip(read) {
+                    self.admit(p, id, stored, due_ms).await;
+                }
+            }
+            Err(e) => {
+                redis_error("read", &e);
+                self.reload
+                    .extend(ids.iter().map(|id| (p, Arc::<str>::from(id.as_str()))));
+            }
+        }
+    }
+
+    /// Queues a task read from Redis; a gone or final one leaves the
+    /// partition's live set instead.
+    async fn admit(
+        &mut self,
+        p: u16,
+        id: &str,
+        stored: Result<Option<Stored>, StoreError>,
+        due_ms: u64,
+    ) {
+        match stored {
+            Ok(Some(stored)) if !stored.tracked.task.state.is_final() => {
+                let id: Arc<str> = id.into();
+                let slot = self.backends.slot_of(&stored.backend_id);
+                self.queues[slot].insert((due_ms, id.clone()));
+                self.tasks.insert(
+                    id,
+                    Entry {
+                        part: p,
+                        slot,
+                        stored: Some(stored),
+                        due: due_ms,
+                    },
+                );
+            }
+            Ok(_) => {
+                if let Err(e) = self.store.drop_live(p, id).await {
+                    redis_error("drop", &e);
+                }
+            }
+            Err(e) => redis_error("load", &e),
+        }
+    }
+
+    /// Starts the due polls each backend has permits for.
+    fn dispatch(&mut self, now_ms: u64) {
+        for slot in 0..self.queues.len() {
+            let max = self.backends.slot(slot).limits.max_in_flight.max(1);
+            while self.running[slot] < max {
+                let Some((due, id)) = self.queues[slot].first().cloned() else {
+                    break;
+                };
+                if due > now_ms {
+                    break;
+                }
+                self.queues[slot].pop_first();
+                let Some(entry) = self.tasks.get_mut(&id) else {
+                    continue;
+                };
+                let jitter = match self.pipelines[slot].admit(due) {
+                    Ok(jitter) => jitter,
+                    Err(wait) => {
+                        // Over the backend's rate cap: later.
+                        entry.due = now_ms + wait.as_millis() as u64;
+                        self.queues[slot].insert((entry.due, id));
+                        continue;
+                    }
+                };
+                let Some(stored) = entry.stored.take() else {
+                    continue;
+                };
+                let done = Done {
+                    id: id.clone(),
+                    part: entry.part,
+                    slot,
+                    epoch: self.epochs[entry.part as usize],
+                    outcome: Ok(None),
+                };
+                let ctx = self.pipelines[slot].ctx().clone();
+                let engine = self.engine.clone();
+                let handle = self.in_flight.spawn(async move {
+                    Done {
+                        outcome: poll(engine, ctx, stored, due, jitter).await,
+                        ..done
+                    }
+                });
+                self.polls.insert(id, handle);
+                self.running[slot] += 1;
+            }
+        }
+    }
+
+    /// A poll finished: the task back into its queue at its next due time,
+    /// or out when final or gone.
+    fn finish(&mut self, done: Done, now_ms: u64) {
+        if done.epoch != self.epochs[done.part as usize] {
+            // Its partition was dropped (and its count with it).
+            return;
+        }
+        self.polls.remove(&done.id);
+        self.running[done.slot] = self.running[done.slot].saturating_sub(1);
+        let next = match done.outcome {
+            Ok(Some((stored, NextDue::At(ms)))) => Some((stored, ms)),
+            Ok(Some((stored, NextDue::Keep))) => {
+                Some((stored, now_ms + MAX_SLEEP.as_millis() as u64))
+            }
+            Ok(Some((_, NextDue::Final))) | Ok(None) => None,
+            Err(e) => {
+                redis_error("save", &e);
+                self.tasks.remove(&done.id);
+                self.reload.push((done.part, done.id));
+                return;
+            }
+        };
+        match next {
+            Some((stored, due)) => {
+                if let Some(entry) = self.tasks.get_mut(&done.id) {
+                    entry.stored = Some(stored);
+                    entry.due = due;
+                    self.queues[entry.slot].insert((due, done.id));
+                }
+            }
+            None => {
+                self.tasks.remove(&done.id);
+            }
+        }
+    }
+
+    fn report(&self) {
+        metrics::gauge!(m::REDIS_PARTITIONS).set(self.parts.len() as f64);
+        for (slot, q) in self.queues.iter().enumerate() {
+            let name = self.backends.slot(slot).name.to_string();
+            metrics::gauge!(m::REDIS_QUEUE_DEPTH, "backend" => name).set(q.len() as f64);
+        }
+    }
+}
+
+/// The commit of a poll of an owned task: by compare-and-set, keeping the
+/// task as saved for the next poll.
+struct Owned<'a> {
+    engine: &'a RedisEngine,
+    saved: Mutex<Option<Stored>>,
+}
+
+impl TaskStore for Owned<'_> {
+    type Error = StoreError;
+    type Loaded = Stored;
+
+    fn commit<F>(
+        &self,
+        id: &str,
+        first: Option<Stored>,
+        due_ms: Option<u64>,
+        step: F,
+    ) -> impl Future<Output = Result<Option<Committed>, StoreError>> + Send
+    where
+        F: FnMut(&mut Tracked, u64) -> Step + Send,
+    {
+        async move {
+            let Some(first) = first else {
+                return Ok(None);
+            };
+            let session = first.session.clone();
+            let saved = self
+                .engine
+                .commit_stored(&session, id, Some(first), due_ms, step)
+                .await?;
+            Ok(saved.map(|(committed, stored)| {
+                if let Ok(mut slot) = self.saved.lock() {
+                    *slot = Some(stored);
+                }
+                committed
+            }))
+        }
+    }
+}
+
+/// One poll of an owned task through the pipeline: the task as saved and
+/// where its next poll goes (`None`: gone).
 async fn poll(
     engine: RedisEngine,
     ctx: Arc<PollCtx>,
-    due: Arc<str>,
-    claim: Claim,
+    stored: Stored,
+    due_ms: u64,
     jitter: f64,
-) -> String {
-    let Claim { id, due_ms, stored } = claim;
-    let stored = match stored {
-        Ok(Some(stored)) => stored,
-        Ok(None) => {
-            drop_gone(&engine.store, &due, &id).await;
-            return id;
-        }
-        Err(e) => {
-            redis_error("load", &e);
-            return id;
-        }
-    };
+) -> Result<Option<(Stored, NextDue)>, StoreError> {
+    let id = stored.tracked.task.id.clone();
     let backend_id = (!stored.tracked.task.state.is_final()).then(|| stored.backend_id.clone());
-    let polled = ctx
+    let owned = Owned {
+        engine: &engine,
+        saved: Mutex::new(None),
+    };
+    let committed = ctx
         .poll(
-            &engine,
+            &owned,
             &id,
             Some(stored),
             backend_id.as_deref(),
             due_ms,
             jitter,
         )
-        .await;
-    if let Err(e) = polled {
-        redis_error("save", &e);
-    }
-    id
-}
-
-/// A queued id whose task is gone (forgotten, or expired): out of the queue.
-async fn drop_gone(store: &Store, due: &str, id: &str) {
-    if let Err(e) = store.remove_due(due, id).await {
-        redis_error("remove", &e);
-    }
+        .await?;
+    let saved = owned.saved.into_inner().ok().flatten();
+    Ok(committed.zip(saved).map(|(c, stored)| (stored, c.next)))
 }
 
 fn redis_error(op: &'static str, e: &StoreError) {
@@ -335,35 +662,30 @@ fn redis_error(op: &'static str, e: &StoreError) {
     metrics::counter!(m::REDIS_ERRORS, "op" => op).increment(1);
 }
 
-/// Wakes the claim loop of a task's backend whenever a task is created (its
-/// first poll is due at once): each message names a delay queue (`dues`:
-/// queue → its loop's wake-up); any other message (a task id, from a
-/// version with one queue) wakes every loop. Resubscribes after Redis
-/// comes back.
+/// Marks a partition's inbox when a task is created in it (the message is
+/// the partition's number); every inbox after (re)subscribing, since what
+/// was published meanwhile is lost.
 async fn wake_on_new_tasks(
     store: Store,
-    dues: HashMap<String, Arc<Notify>>,
+    inboxes: Arc<Inboxes>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let wake_all = || dues.values().for_each(|w| w.notify_one());
     let mut retry = RETRY_MIN;
     loop {
         match store.subscribe(WAKE).await {
             Ok(mut pubsub) => {
                 retry = RETRY_MIN;
-                // Whatever was created while unsubscribed is due now.
-                wake_all();
+                inboxes.mark(None);
                 let mut messages = pubsub.on_message();
                 loop {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         msg = messages.next() => match msg {
                             Some(msg) => {
-                                let queue = std::str::from_utf8(msg.get_payload_bytes()).ok();
-                                match queue.and_then(|q| dues.get(q)) {
-                                    Some(wake) => wake.notify_one(),
-                                    None => wake_all(),
-                                }
+                                let part = std::str::from_utf8(msg.get_payload_bytes())
+                                    .ok()
+                                    .and_then(|p| p.parse().ok());
+                                inboxes.mark(part);
                             }
                             None => break,
                         },
