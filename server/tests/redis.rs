@@ -1,11 +1,13 @@
 //! The Redis engine with real processes: a real `redis-server` on a free
 //! port, the simulator as its own process, and several `taskwire` web and
-//! worker processes sharing them. Each test starts its own Redis.
+//! worker processes sharing them. Each test starts its own Redis, and runs
+//! twice: on one `redis-server` (`::single`) and on a Redis Cluster of
+//! three masters (`::cluster`).
 
 mod common;
 
 use app::protocol::{ServerMsg, TaskState};
-use common::redis_server::RedisServer;
+use common::redis_server::{RedisCluster, RedisServer, TestRedis};
 use common::{spawn_taskwire, Client, SimProcess};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -33,15 +35,33 @@ impl Drop for Proc {
 
 const INTERVAL_MS: u64 = 200;
 
-fn taskwire(role: &str, redis: &RedisServer, sim: &SimProcess) -> Proc {
+/// Runs the test body `$name` on one `redis-server` and on a 3-master
+/// Redis Cluster: the same guarantees on both.
+macro_rules! on_single_and_cluster {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn single() {
+                super::$name(RedisServer::start()).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                super::$name(RedisCluster::start()).await
+            }
+        }
+    };
+}
+
+fn taskwire(role: &str, redis: &dyn TestRedis, sim: &SimProcess) -> Proc {
     taskwire_with(role, redis, sim, &[])
 }
 
-fn taskwire_with(role: &str, redis: &RedisServer, sim: &SimProcess, extra: &[&str]) -> Proc {
+fn taskwire_with(role: &str, redis: &dyn TestRedis, sim: &SimProcess, extra: &[&str]) -> Proc {
     taskwire_at(role, redis, &sim.url, extra)
 }
 
-fn taskwire_at(role: &str, redis: &RedisServer, backend: &str, extra: &[&str]) -> Proc {
+fn taskwire_at(role: &str, redis: &dyn TestRedis, backend: &str, extra: &[&str]) -> Proc {
     let interval = INTERVAL_MS.to_string();
     let url = redis.url();
     let mut args = vec![
@@ -106,9 +126,8 @@ async fn until_all_final(client: &mut Client, ids: &[String]) -> Vec<app::protoc
     ids.iter().map(|id| finals[id].clone()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_web_two_workers_one_task_space() {
-    let redis = RedisServer::start();
+on_single_and_cluster!(two_web_two_workers_one_task_space);
+async fn two_web_two_workers_one_task_space(redis: impl TestRedis) {
     let sim = SimProcess::start();
     let web_a = taskwire("web", &redis, &sim);
     let web_b = taskwire("web", &redis, &sim);
@@ -160,9 +179,46 @@ async fn two_web_two_workers_one_task_space() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_s_tasks_finish_on_the_other() {
-    let redis = RedisServer::start();
+on_single_and_cluster!(sessions_spread_over_partitions_workers_and_shards);
+/// Many sessions' tasks: the partitions are shared out between the two
+/// workers (8 each, by lease), every task ends right, and on a cluster
+/// every shard holds a part of the data.
+async fn sessions_spread_over_partitions_workers_and_shards(redis: impl TestRedis) {
+    let sim = SimProcess::start();
+    let web = taskwire("web", &redis, &sim);
+    let _w1 = taskwire("worker", &redis, &sim);
+    let _w2 = taskwire("worker", &redis, &sim);
+    // Both workers in the list before the tasks come.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let mut clients = Vec::new();
+    let mut all = Vec::new();
+    for _ in 0..24 {
+        let mut c = Client::connect(web.addr, None).await;
+        let ids = start_many(&mut c, 2, 1_500).await;
+        all.extend(ids.iter().cloned());
+        clients.push((c, ids));
+    }
+    for (c, ids) in &mut clients {
+        let finals = until_all_final(c, ids).await;
+        assert!(finals
+            .iter()
+            .all(|t| t.state == TaskState::Succeeded && t.done == 10));
+    }
+    let polled = sim.stats_per_task().await;
+    assert_eq!(polled.len(), all.len(), "every task polled");
+    let mut owners = std::collections::HashMap::<String, u32>::new();
+    for p in 0..16 {
+        let owner = redis.cli(&["get", &format!("{{tw:{p}}}:owner")]);
+        *owners.entry(owner.trim().to_string()).or_default() += 1;
+    }
+    assert_eq!(owners.len(), 2, "two owners: {owners:?}");
+    assert!(owners.values().all(|n| *n == 8), "{owners:?}");
+    let spread = redis.keys_per_node();
+    assert!(spread.iter().all(|n| *n > 0), "keys per node: {spread:?}");
+}
+
+on_single_and_cluster!(a_killed_worker_s_tasks_finish_on_the_other);
+async fn a_killed_worker_s_tasks_finish_on_the_other(redis: impl TestRedis) {
     let sim = SimProcess::start();
     let web = taskwire("web", &redis, &sim);
     let mut w1 = taskwire("worker", &redis, &sim);
@@ -179,9 +235,8 @@ async fn a_killed_worker_s_tasks_finish_on_the_other() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restarted_mid_run_everything_carries_on() {
-    let mut redis = RedisServer::start();
+on_single_and_cluster!(redis_restarted_mid_run_everything_carries_on);
+async fn redis_restarted_mid_run_everything_carries_on(mut redis: impl TestRedis) {
     let sim = SimProcess::start();
     let web = taskwire("web", &redis, &sim);
     let _worker = taskwire("worker", &redis, &sim);
@@ -204,9 +259,8 @@ async fn redis_restarted_mid_run_everything_carries_on() {
     assert!(finals.iter().all(|t| t.state == TaskState::Succeeded));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_change_feed_loses_no_final_state() {
-    let redis = RedisServer::start();
+on_single_and_cluster!(a_cut_change_feed_loses_no_final_state);
+async fn a_cut_change_feed_loses_no_final_state(redis: impl TestRedis) {
     let sim = SimProcess::start();
     let web = taskwire("web", &redis, &sim);
     let _worker = taskwire("worker", &redis, &sim);
@@ -216,17 +270,22 @@ async fn a_cut_change_feed_loses_no_final_state() {
     // Cut every pub/sub connection again and again while the tasks run:
     // what is published meanwhile is lost, and the web process must make
     // it good by reading the session again when it resubscribes.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conns = Vec::new();
+    for node in redis.nodes() {
+        let client = redis::Client::open(node).unwrap();
+        conns.push(client.get_multiplexed_async_connection().await.unwrap());
+    }
     let cutter = tokio::spawn(async move {
         let mut cut = 0u64;
         for _ in 0..40 {
-            let n: u64 = redis::cmd("CLIENT")
-                .arg(&["KILL", "TYPE", "pubsub"])
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(0);
-            cut += n;
+            for conn in &mut conns {
+                let n: u64 = redis::cmd("CLIENT")
+                    .arg(&["KILL", "TYPE", "pubsub"])
+                    .query_async(conn)
+                    .await
+                    .unwrap_or(0);
+                cut += n;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         cut
@@ -238,9 +297,8 @@ async fn a_cut_change_feed_loses_no_final_state() {
     assert!(cutter.await.unwrap() > 0, "subscriptions were cut");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_process_with_redis_behaves_like_memory() {
-    let redis = RedisServer::start();
+on_single_and_cluster!(one_process_with_redis_behaves_like_memory);
+async fn one_process_with_redis_behaves_like_memory(redis: impl TestRedis) {
     let sim = SimProcess::start();
     let all = taskwire("all", &redis, &sim);
     let mut a = Client::connect(all.addr, None).await;
@@ -272,9 +330,8 @@ async fn one_process_with_redis_behaves_like_memory() {
     assert_eq!(seen.last().unwrap().state, TaskState::Cancelled);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_limits_hold_across_web_processes() {
-    let redis = RedisServer::start();
+on_single_and_cluster!(session_limits_hold_across_web_processes);
+async fn session_limits_hold_across_web_processes(redis: impl TestRedis) {
     let sim = SimProcess::start();
     let limit = ["--max-live-tasks-per-session", "2"];
     let web_a = taskwire_with("web", &redis, &sim, &limit);
@@ -311,14 +368,13 @@ fn roles_need_redis() {
     assert!(err.contains("need --redis"), "{err}");
 }
 
+on_single_and_cluster!(a_killed_worker_s_tasks_are_polled_again_within_its_lease);
 /// A killed worker's tasks are polled again within its short lease, not
 /// after the backend timeout: with a 5 s backend timeout (the old lease
 /// was that + 2 s), the longest silence of any task across the kill stays
 /// under 4 s (about 1.5 s lease + a poll interval is expected; the figure
 /// is printed for docs/benchmarks.md).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_s_tasks_are_polled_again_within_its_lease() {
-    let redis = RedisServer::start();
+async fn a_killed_worker_s_tasks_are_polled_again_within_its_lease(redis: impl TestRedis) {
     let sim = SimProcess::start();
     // Every request to the task service takes 600 ms (a proxy that holds
     // each request that long), so at the kill most polls are in flight,
