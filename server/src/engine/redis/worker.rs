@@ -47,7 +47,6 @@ use crate::task::policy::NextDue;
 use crate::task::{Step, Tracked};
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -599,32 +598,30 @@ impl TaskStore for Owned<'_> {
     type Error = StoreError;
     type Loaded = Stored;
 
-    fn commit<F>(
+    async fn commit<F>(
         &self,
         id: &str,
         first: Option<Stored>,
         due_ms: Option<u64>,
         step: F,
-    ) -> impl Future<Output = Result<Option<Committed>, StoreError>> + Send
+    ) -> Result<Option<Committed>, StoreError>
     where
         F: FnMut(&mut Tracked, u64) -> Step + Send,
     {
-        async move {
-            let Some(first) = first else {
-                return Ok(None);
-            };
-            let session = first.session.clone();
-            let saved = self
-                .engine
-                .commit_stored(&session, id, Some(first), due_ms, step)
-                .await?;
-            Ok(saved.map(|(committed, stored)| {
-                if let Ok(mut slot) = self.saved.lock() {
-                    *slot = Some(stored);
-                }
-                committed
-            }))
-        }
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        let session = first.session.clone();
+        let saved = self
+            .engine
+            .commit_stored(&session, id, Some(first), due_ms, step)
+            .await?;
+        Ok(saved.map(|(committed, stored)| {
+            if let Ok(mut slot) = self.saved.lock() {
+                *slot = Some(stored);
+            }
+            committed
+        }))
     }
 }
 
