@@ -44,13 +44,15 @@ usage: cargo bench -p server --bench loadgen -- [options] [--server-args ARGS...
   --server-bin PATH       taskwire binary for server and simulator
                           (default: the one cargo built, target/release/taskwire)
   --engine E              memory (default), redis-all (one `--role all`
-                          process on Redis) or redis-split (one web and
-                          one worker process on Redis); starts its own
-                          redis-server on a free port for the Redis ones
+                          process on Redis), redis-split (one web and
+                          one worker process on Redis) or redis-cluster
+                          (the same on a 3-master Redis Cluster); starts
+                          its own redis-server(s) on free ports for the
+                          Redis ones
                           and reports its commands, CPU and reads per
                           poll (INFO commandstats / cpu / stats, between
                           the go and the last final state)
-  --workers N             worker processes of redis-split            (default 1)
+  --workers N             worker processes of redis-split/-cluster (default 1)
   --kill-server-at-ms N   SIGKILL the server N ms after the go and start it
                           again (same port, same data dir); clients
                           reconnect with their cookies (memory engine)
@@ -143,9 +145,12 @@ impl Opts {
                 }
                 "--engine" => {
                     o.engine = value(&flag)?;
-                    if !matches!(o.engine.as_str(), "memory" | "redis-all" | "redis-split") {
+                    if !matches!(
+                        o.engine.as_str(),
+                        "memory" | "redis-all" | "redis-split" | "redis-cluster"
+                    ) {
                         return Err(format!(
-                            "--engine: `{}` is not memory, redis-all or redis-split",
+                            "--engine: `{}` is not memory, redis-all, redis-split or redis-cluster",
                             o.engine
                         ));
                     }
@@ -185,7 +190,7 @@ impl Opts {
         );
         let base = if self.engine == "memory" {
             base
-        } else if self.engine == "redis-split" && self.workers != 1 {
+        } else if self.engine != "redis-all" && self.workers != 1 {
             format!("{base}, engine {} ({} workers)", self.engine, self.workers)
         } else {
             format!("{base}, engine {}", self.engine)
@@ -333,47 +338,150 @@ impl Drop for ChildProc {
     }
 }
 
-/// A `redis-server` of the run's own on a free port, no persistence,
-/// killed when dropped.
+/// A `redis-server` of the run's own on a free port, no persistence, or a
+/// Redis Cluster of several (`--engine redis-cluster`: three masters made
+/// by `redis-cli --cluster create`); killed when dropped.
 struct RedisProc {
-    child: Child,
-    port: u16,
+    children: Vec<Child>,
+    ports: Vec<u16>,
+    cluster: bool,
 }
 
 impl RedisProc {
     fn start() -> Result<RedisProc, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut r = RedisProc {
+            children: Vec::new(),
+            ports: Vec::new(),
+            cluster: false,
+        };
+        r.node(false)?;
+        Ok(r)
+    }
+
+    fn start_cluster(shards: usize) -> Result<RedisProc, String> {
+        let mut r = RedisProc {
+            children: Vec::new(),
+            ports: Vec::new(),
+            cluster: true,
+        };
+        for _ in 0..shards {
+            r.node(true)?;
+        }
+        let addrs: Vec<String> = r.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in &r.ports {
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "cluster", "info"])
+                    .output()
+                    .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err("the Redis Cluster did not come up".into());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Starts one node on a free port (a cluster node's bus port, +10000,
+    /// free too).
+    fn node(&mut self, cluster: bool) -> Result<(), String> {
+        let port = loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no free port: {e}"))?
+                .port();
+            if !cluster
+                || (port <= 55_000
+                    && !self.ports.contains(&port)
+                    && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok())
+            {
+                break port;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("taskwire-loadgen-redis-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir);
+        if cluster {
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]);
+        }
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("cannot start redis-server (is it installed?): {e}"))?;
-        let mut r = RedisProc { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline || !matches!(r.child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
                 return Err("redis-server did not start".into());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = &mut r;
-        Ok(r)
+        self.children.push(child);
+        self.ports.push(port);
+        Ok(())
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        if self.cluster {
+            let seeds: Vec<String> = self
+                .ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
+            format!("redis+cluster://{}", seeds.join(","))
+        } else {
+            format!("redis://127.0.0.1:{}/", self.ports[0])
+        }
+    }
+
+    /// Each node's own URL (for `INFO`).
+    fn node_urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
     }
 }
 
 impl Drop for RedisProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &self.ports {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("taskwire-loadgen-redis-{p}")),
+            );
+        }
     }
 }
 
@@ -391,6 +499,33 @@ struct RedisStats {
 }
 
 impl RedisStats {
+    /// Every node's counts, summed (a cluster's; one for a single Redis),
+    /// with each node's CPU beside.
+    fn read_all(urls: &[String]) -> Result<(RedisStats, Vec<f64>), String> {
+        let mut sum: Option<RedisStats> = None;
+        let mut per_node = Vec::new();
+        for url in urls {
+            let one = RedisStats::read(url)?;
+            per_node.push(one.cpu_s);
+            sum = Some(match sum {
+                None => one,
+                Some(mut s) => {
+                    for (cmd, (n, usec)) in one.calls {
+                        let e = s.calls.entry(cmd).or_insert((0, 0));
+                        e.0 += n;
+                        e.1 += usec;
+                    }
+                    s.cpu_s += one.cpu_s;
+                    s.sys_s += one.sys_s;
+                    s.reads += one.reads;
+                    s
+                }
+            });
+        }
+        sum.map(|s| (s, per_node))
+            .ok_or_else(|| "no Redis node".to_string())
+    }
+
     fn read(url: &str) -> Result<RedisStats, String> {
         let text = || -> redis::RedisResult<String> {
             let mut c = redis::Client::open(url)?.get_connection()?;
@@ -995,6 +1130,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     // 2. Redis, for the Redis engines.
     let redis = match opts.engine.as_str() {
         "memory" => None,
+        "redis-cluster" => Some(RedisProc::start_cluster(3)?),
         _ => Some(RedisProc::start()?),
     };
 
@@ -1026,7 +1162,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         cmd
     };
     let taskwire = |role: &str| taskwire_on(role, "127.0.0.1:0");
-    let split = opts.engine == "redis-split";
+    let split = matches!(opts.engine.as_str(), "redis-split" | "redis-cluster");
     let mut server = ChildProc::start(
         "server",
         taskwire(if split { "web" } else { "all" }),
@@ -1057,7 +1193,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         sim.pid().to_string(),
         "self".to_string(),
         pid_of(workers.first().map(|w| w.pid())),
-        pid_of(redis.as_ref().map(|r| r.child.id())),
+        pid_of(redis.as_ref().map(|r| r.children[0].id())),
     ]);
 
     // 3. The clients: connect all, then start tasks on one common clock.
@@ -1097,7 +1233,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_s = connect_started.elapsed().as_secs_f64();
-    let redis_before = redis.as_ref().map(|r| RedisStats::read(&r.url()));
+    let redis_before = redis.as_ref().map(|r| RedisStats::read_all(&r.node_urls()));
     let go_at = Instant::now() + Duration::from_millis(100);
     let _ = go_tx.send(Some(go_at));
 
@@ -1160,7 +1296,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     }
     let run_s = go_at.elapsed().as_secs_f64();
     progress.abort();
-    let redis_after = redis.as_ref().map(|r| RedisStats::read(&r.url()));
+    let redis_after = redis.as_ref().map(|r| RedisStats::read_all(&r.node_urls()));
 
     // 4. What the simulator counted.
     let stats: serde_json::Value = async {
@@ -1188,7 +1324,12 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             (u + wu, s + ws)
         })
     });
-    let redis_cpu = redis.as_ref().map(|r| cpu(&r.child.id().to_string()));
+    let redis_cpu = redis.as_ref().map(|r| {
+        r.children.iter().fold((0, 0), |(u, s), c| {
+            let (cu, cs) = cpu(&c.id().to_string());
+            (u + cu, s + cs)
+        })
+    });
     let machine_end = machine_ticks();
     let peaks = sampler.finish();
     let wall_s = started.elapsed().as_secs_f64();
@@ -1364,7 +1505,16 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             "cpu_s": round(r, 2),
             "cpu_us_per_poll": per_poll_us(r),
             "window": match (&redis_before, &redis_after) {
-                (Some(Ok(b)), Some(Ok(a))) => a.since(b, polls_total),
+                (Some(Ok((b, b_nodes))), Some(Ok((a, a_nodes)))) => {
+                    let mut w = a.since(b, polls_total);
+                    // Each node's share: how evenly a cluster spreads it.
+                    w["cpu_s_per_node"] = json!(a_nodes
+                        .iter()
+                        .zip(b_nodes)
+                        .map(|(a, b)| round(a - b, 2))
+                        .collect::<Vec<_>>());
+                    w
+                }
                 (Some(Err(e)), _) | (_, Some(Err(e))) => json!({ "error": e }),
                 _ => serde_json::Value::Null,
             },

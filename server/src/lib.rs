@@ -130,7 +130,12 @@ impl Application {
         let store = config.redis.as_deref().map(Store::open).transpose()?;
         if let Some(store) = &store {
             match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
-                Ok(Ok(())) => tracing::info!(role = ?config.role, "Redis engine: connected"),
+                Ok(Ok(())) => {
+                    tracing::info!(role = ?config.role, cluster = store.is_cluster(), "Redis engine: connected");
+                    if let Err(e) = store.migrate_unpartitioned().await {
+                        tracing::warn!(error = %e, "moving keys of an older version failed");
+                    }
+                }
                 _ => tracing::warn!("Redis is not answering yet; carrying on and retrying"),
             }
         }

@@ -137,3 +137,67 @@ async fn a_final_save_in_the_same_batch_as_an_unchanged_one_leaves_the_queue() {
         Saved::Gone
     );
 }
+
+/// Data of a version before partitions (unpartitioned names, a `tw:due`
+/// queue) is moved to the partitioned names on start: the session, its
+/// tasks, and its live task into the live set and the owner's inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_the_unpartitioned_version_are_moved() {
+    let redis = RedisServer::start();
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let session = "0123456789abcdef0123456789abcdef";
+    let live_task = new_task(session, "simulate", None, 1_000);
+    let mut done_task = new_task(session, "simulate", None, 1_000);
+    done_task.id = "t-old-done".into();
+    done_task.state = TaskState::Succeeded;
+    for (task, fin) in [(&live_task, 0), (&done_task, 1)] {
+        redis::pipe()
+            .hset_multiple(
+                format!("tw:task:{}", task.id),
+                &[
+                    ("task", serde_json::to_string(task).unwrap()),
+                    ("seq", "0".into()),
+                    ("session", session.into()),
+                    ("backend", "b-1".into()),
+                    ("track", "{}".into()),
+                    ("final", fin.to_string()),
+                ],
+            )
+            .zadd(format!("tw:session:{session}:tasks"), &task.id, 1_000)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+    redis::pipe()
+        .hset(format!("tw:session:{session}"), "created", 1_000)
+        .sadd(format!("tw:session:{session}:live"), &live_task.id)
+        .zadd("tw:due", &live_task.id, 5_000)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+
+    let store = Store::open(&redis.url()).unwrap();
+    assert_eq!(store.migrate_unpartitioned().await.unwrap(), 5);
+    assert!(store.session_exists(session).await.unwrap());
+    let listed = store.session_tasks(session).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(store.load(session, &live_task.id).await.unwrap().is_some());
+    assert!(live(&redis, &live_task.id).await);
+    let part = keys::partition_of(session);
+    assert_eq!(
+        store.take_new(part, 10).await.unwrap(),
+        vec![live_task.id.clone()]
+    );
+    let due: bool = redis::cmd("EXISTS")
+        .arg("tw:due")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!due, "the old queue is gone");
+    // Once moved, nothing more to move.
+    assert_eq!(store.migrate_unpartitioned().await.unwrap(), 0);
+}

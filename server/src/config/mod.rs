@@ -201,9 +201,10 @@ pub struct Config {
     #[arg(long, env = "TASKWIRE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// The Redis engine: sessions, tasks and the delay queue live in this
-    /// Redis (`redis://host:port/db`), shared by any number of web and
-    /// worker processes. Unset: everything in this process's memory.
+    /// The Redis engine: sessions and tasks live in this Redis
+    /// (`redis://host:port/db`) or Redis Cluster
+    /// (`redis+cluster://host:port,host:port`), shared by any number of web
+    /// and worker processes. Unset: everything in this process's memory.
     #[arg(long, env = "TASKWIRE_REDIS")]
     pub redis: Option<String>,
 

@@ -199,6 +199,98 @@ impl Store {
         }
     }
 
+    /// Moves the data of the versions before partitions (`tw:task:{id}`,
+    /// `tw:session:{token}…`, the `tw:due` sorted sets) to the partitioned
+    /// names, once, on a single Redis (a cluster never held them): each
+    /// session's keys into its partition, each task under its session's
+    /// partition (live ones into the live set and the inbox, so their
+    /// partition's owner polls them). Idempotent; one process at a time
+    /// (a lock key). How many keys it moved.
+    pub async fn migrate_unpartitioned(&self) -> Result<u64, StoreError> {
+        if self.cluster {
+            return Ok(0);
+        }
+        let mut c = self.conn.clone();
+        let lock: Option<String> = redis::cmd("SET")
+            .arg("tw:migrating")
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut c)
+            .await?;
+        if lock.is_none() {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("tw:*")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            for key in found {
+                if let Some(rest) = key.strip_prefix("tw:session:") {
+                    let sub = ["tasks", "live", "starts", "pending"]
+                        .iter()
+                        .find_map(|w| rest.strip_suffix(&format!(":{w}")).map(|t| (t, *w)));
+                    let new = match sub {
+                        Some((token, what)) => keys::session_sub(token, what),
+                        None => keys::session(rest),
+                    };
+                    let _: i64 = redis::cmd("RENAMENX")
+                        .arg(&key)
+                        .arg(new)
+                        .query_async(&mut c)
+                        .await?;
+                    moved += 1;
+                } else if let Some(id) = key.strip_prefix("tw:task:") {
+                    let (session, fin): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                        .arg(&key)
+                        .arg(&["session", "final"])
+                        .query_async(&mut c)
+                        .await?;
+                    let Some(session) = session else { continue };
+                    let part = keys::partition_of(&session);
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("RENAMENX")
+                        .arg(&key)
+                        .arg(keys::task(part, id))
+                        .ignore();
+                    if fin.as_deref() != Some("1") {
+                        pipe.sadd(keys::live(part), id)
+                            .ignore()
+                            .rpush(keys::inbox(part), id)
+                            .ignore()
+                            .publish(WAKE, part)
+                            .ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await?;
+                    moved += 1;
+                } else if key == "tw:due" || key.starts_with("tw:due:") {
+                    // Due times now live in the owners' memory.
+                    let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let _: i64 = redis::cmd("DEL")
+            .arg("tw:migrating")
+            .query_async(&mut c)
+            .await?;
+        if moved > 0 {
+            tracing::info!(moved, "moved Redis keys to the partitioned names");
+        }
+        Ok(moved)
+    }
+
     /// Whether `token` names a live session (refreshing its lifetime).
     pub async fn session_exists(&self, token: &str) -> Result<bool, StoreError> {
         let mut c = self.conn.clone();
@@ -398,7 +490,7 @@ impl Store {
         };
         let saver = self.saves.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(save_batches(self.conn.clone(), rx));
+            tokio::spawn(save_batches(self.conn.clone(), self.cluster, rx));
             tx
         });
         if let Err(mpsc::error::SendError(req)) = saver.send(req) {
@@ -582,12 +674,13 @@ impl Store {
 }
 
 /// Collects saves into batches: the first waits [`SAVE_LINGER`] for others
-/// (at most [`SAVE_BATCH`]), then the batch goes as one script call per
-/// partition, the partitions' calls at once; the saves that arrive
-/// meanwhile form the next. The channel is unbounded because its callers
+/// (at most [`SAVE_BATCH`]), then the batch goes as one script call — on a
+/// cluster, one per partition (a script's keys must share a slot), the
+/// partitions' calls at once; the saves that arrive meanwhile form the
+/// next. The channel is unbounded because its callers
 /// bound it: each is a poll holding a permit of its backend, or a `cancel`
 /// of a connection holding a request permit.
-async fn save_batches(conn: Conn, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
+async fn save_batches(conn: Conn, cluster: bool, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
     let mut batch = Vec::with_capacity(SAVE_BATCH);
     while let Some(first) = saves.recv().await {
         batch.push(first);
@@ -605,7 +698,8 @@ async fn save_batches(conn: Conn, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
         }
         let mut parts: HashMap<u16, Vec<SaveReq>> = HashMap::new();
         for req in batch.drain(..) {
-            parts.entry(req.part).or_default().push(req);
+            let group = if cluster { req.part } else { 0 };
+            parts.entry(group).or_default().push(req);
         }
         futures::future::join_all(
             parts
