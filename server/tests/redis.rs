@@ -217,6 +217,67 @@ async fn sessions_spread_over_partitions_workers_and_shards(redis: impl TestRedi
     assert!(spread.iter().all(|n| *n > 0), "keys per node: {spread:?}");
 }
 
+on_single_and_cluster!(a_cancel_goes_to_the_partition_s_owner);
+/// A `cancel` on a web process is handed to the owner of the task's
+/// partition: with no worker running it waits (the canceller sees the
+/// cancelled state at once, Redis once a worker owns the partition); with
+/// a poll in flight (every request to the task service takes 600 ms) it
+/// is applied after that poll, `seq` still rising by one per change.
+async fn a_cancel_goes_to_the_partition_s_owner(redis: impl TestRedis) {
+    let sim = SimProcess::start();
+    let proxy = slow_proxy(sim.addr, Duration::from_millis(600)).await;
+    let backend = format!("http://{proxy}");
+    let web = taskwire_at("web", &redis, &backend, &[]);
+    let mut a = Client::connect(web.addr, None).await;
+    let params = json!({"duration_ms": 60_000, "steps": 60_000});
+    let waiting = a.start("w", params.clone()).await;
+    a.send(json!({"type":"cancel","task":waiting.id})).await;
+    let seen = a.until_final(&waiting.id).await;
+    assert_eq!(seen.last().unwrap().state, TaskState::Cancelled);
+
+    // A worker comes: it takes the partition and applies the cancel; a new
+    // connection finds the task cancelled in Redis.
+    let _worker = taskwire_at("worker", &redis, &backend, &[]);
+    let mut in_redis = None;
+    for _ in 0..100 {
+        let b = Client::connect(web.addr, Some(&a.session)).await;
+        in_redis = b.welcome.iter().find(|t| t.id == waiting.id).cloned();
+        if in_redis.as_ref().is_some_and(|t| t.state.is_final()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let in_redis = in_redis.expect("the task is listed");
+    assert_eq!((in_redis.state, in_redis.seq), (TaskState::Cancelled, 1));
+
+    // A running task, cancelled while its polls are in flight.
+    let running = a.start("r", params).await;
+    let mut seqs = vec![running.seq];
+    loop {
+        if let ServerMsg::Task { task } = a.recv().await {
+            if task.id == running.id {
+                seqs.push(task.seq);
+                if task.done > 0 {
+                    break;
+                }
+            }
+        }
+    }
+    a.send(json!({"type":"cancel","task":running.id})).await;
+    let seen = a.until_final(&running.id).await;
+    seqs.extend(seen.iter().map(|t| t.seq));
+    assert_eq!(seen.last().unwrap().state, TaskState::Cancelled);
+    assert!(seqs.windows(2).all(|w| w[1] >= w[0]), "{seqs:?}");
+    // The owner's copy agrees: no poll after the cancel moves it back
+    // (the canceller was shown the cancelled state at once; the owner
+    // committed it after the poll in flight, so perhaps at a later `seq`).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let c = Client::connect(web.addr, Some(&a.session)).await;
+    let last = c.welcome.iter().find(|t| t.id == running.id).unwrap();
+    assert_eq!(last.state, TaskState::Cancelled);
+    assert!(last.seq >= *seqs.last().unwrap(), "{} < {seqs:?}", last.seq);
+}
+
 on_single_and_cluster!(a_killed_worker_s_tasks_finish_on_the_other);
 async fn a_killed_worker_s_tasks_finish_on_the_other(redis: impl TestRedis) {
     let sim = SimProcess::start();

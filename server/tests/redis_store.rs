@@ -1,7 +1,8 @@
-//! The Redis store's batched saves against a real `redis-server`: saves of
-//! the same moment go to Redis together (one script call per partition),
-//! and each keeps its own compare-and-set; the changes go out as one
-//! message; a final task leaves its partition's live set.
+//! The Redis store against a real `redis-server`: an owner's writes of the
+//! same moment go to Redis together and their changes out as one message;
+//! a final task leaves its partition's live set; a web process's cancel
+//! waits in the partition's cancel inbox; data of the unpartitioned
+//! version is moved.
 
 mod common;
 
@@ -9,9 +10,8 @@ use app::protocol::TaskState;
 use common::redis_server::RedisServer;
 use futures::StreamExt;
 use server::engine::redis::keys;
-use server::engine::redis::store::{Event, Saved, Store, Stored};
+use server::engine::redis::store::{CancelReq, Event, Store, Stored};
 use server::task::new_task;
-use server::task::policy::NextDue;
 use std::time::Duration;
 
 async fn created(store: &Store, session: &str) -> Stored {
@@ -49,93 +49,115 @@ async fn live(redis: &RedisServer, id: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn saves_of_one_moment_keep_each_compare_and_set() {
+async fn writes_of_one_moment_go_together_as_one_message() {
     let redis = RedisServer::start();
     let store = Store::open(&redis.url()).unwrap();
-    let stored = created(&store, "s-1").await;
-    let id = stored.tracked.task.id.clone();
+    let a = created(&store, "s-1").await;
+    let b = created(&store, "s-2").await;
     let mut pubsub = store.subscribe(keys::EVENTS).await.unwrap();
 
-    // Two writers change the task from the same seq, at once: one wins.
-    let mut a = stored.clone();
-    a.tracked.commit(app::protocol::Task {
-        done: 1,
-        state: TaskState::Running,
-        ..a.tracked.task.clone()
-    });
-    let mut b = stored.clone();
-    b.tracked.commit(app::protocol::Task {
-        done: 2,
-        state: TaskState::Running,
-        ..b.tracked.task.clone()
-    });
-    let track = stored.tracked.track;
-    let (sa, sb) = tokio::join!(
-        store.save(&a, 0, track, NextDue::At(5_000), 60),
-        store.save(&b, 0, track, NextDue::At(6_000), 60),
+    // The owner's changes of two tasks (two sessions, so two partitions
+    // most likely), at once: one message with both.
+    let step = |s: &Stored, done| {
+        let mut s = s.clone();
+        s.tracked.commit(app::protocol::Task {
+            done,
+            state: TaskState::Running,
+            ..s.tracked.task.clone()
+        });
+        s
+    };
+    let (a1, b1) = (step(&a, 1), step(&b, 2));
+    let (wa, wb) = tokio::join!(
+        store.write(&a1, true, false, 60),
+        store.write(&b1, true, false, 60),
     );
-    let mut outcomes = [sa.unwrap(), sb.unwrap()];
-    outcomes.sort_by_key(|s| *s != Saved::Done);
-    assert_eq!(outcomes, [Saved::Done, Saved::Conflict]);
-    let now = store.load("s-1", &id).await.unwrap().unwrap().tracked.task;
-    assert_eq!(now.seq, 1);
-    assert!(now.done == 1 || now.done == 2);
+    wa.unwrap();
+    wb.unwrap();
+    let now_a = store
+        .load("s-1", &a.tracked.task.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let now_b = store
+        .load("s-2", &b.tracked.task.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((now_a.tracked.task.seq, now_a.tracked.task.done), (1, 1));
+    assert_eq!((now_b.tracked.task.seq, now_b.tracked.task.done), (1, 2));
 
-    // One message for the batch: a JSON array holding the winner's change.
     let msg = tokio::time::timeout(Duration::from_secs(2), pubsub.on_message().next())
         .await
         .expect("an event")
         .unwrap();
     let events: Vec<Event> = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
-    assert_eq!(events.len(), 1);
-    assert_eq!(
-        (events[0].s.as_str(), events[0].b.as_deref()),
-        ("s-1", Some("b-1"))
-    );
-    assert_eq!(events[0].t.as_ref().unwrap().done, now.done);
-    assert!(live(&redis, &id).await);
-    // The new task was put in its partition's inbox for the owner.
-    assert_eq!(
-        store.take_new(keys::partition_of(&id), 10).await.unwrap(),
-        vec![id.clone()]
-    );
+    assert_eq!(events.len(), 2);
+    let mut sessions: Vec<_> = events
+        .iter()
+        .map(|e| (e.s.as_str(), e.b.as_deref(), e.t.as_ref().unwrap().done))
+        .collect();
+    sessions.sort();
+    assert_eq!(sessions, [("s-1", Some("b-1"), 1), ("s-2", Some("b-1"), 2)]);
+    assert!(live(&redis, &a.tracked.task.id).await);
+    // The new tasks were put in their partitions' inboxes for the owners.
+    let id = a.tracked.task.id.clone();
+    assert!(store
+        .take_new(keys::partition_of(&id), 10)
+        .await
+        .unwrap()
+        .contains(&id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_final_save_in_the_same_batch_as_an_unchanged_one_leaves_the_queue() {
+async fn a_final_write_leaves_the_live_sets_and_a_cancel_waits_for_the_owner() {
     let redis = RedisServer::start();
     let store = Store::open(&redis.url()).unwrap();
     let stored = created(&store, "s-2").await;
     let id = stored.tracked.task.id.clone();
-    let track = stored.tracked.track;
 
-    // A poll that changed nothing (it writes nothing) and a cancel that
-    // ends the task, from the same seq, in one batch: both hold, in that
-    // order, and the final task is out of the live set.
+    // Nothing changed: nothing written.
+    store.write(&stored, false, false, 60).await.unwrap();
+    let now = store.load("s-2", &id).await.unwrap().unwrap().tracked.task;
+    assert_eq!(now.seq, 0);
+
+    // A cancel from a web process goes to the partition's cancel inbox.
+    let req = CancelReq {
+        id: id.clone(),
+        status: None,
+    };
+    store.push_cancel("s-2", &req).await.unwrap();
+    let part = keys::partition_of("s-2");
+    let taken = store.take_cancels(part, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (taken[0].id.as_str(), taken[0].status.is_none()),
+        (id.as_str(), true)
+    );
+    assert!(store.take_cancels(part, 10).await.unwrap().is_empty());
+
+    // The owner commits it: final, out of the live sets, expiring.
     let mut cancelled = stored.clone();
     cancelled.tracked.commit(app::protocol::Task {
         state: TaskState::Cancelled,
         ..cancelled.tracked.task.clone()
     });
-    let (poll, cancel) = tokio::join!(
-        store.save(&stored, 0, track, NextDue::At(5_000), 60),
-        store.save(&cancelled, 0, track, NextDue::Final, 60),
-    );
-    assert_eq!(cancel.unwrap(), Saved::Done);
-    assert!(matches!(poll.unwrap(), Saved::Done | Saved::Conflict));
+    store.write(&cancelled, true, false, 60).await.unwrap();
     let now = store.load("s-2", &id).await.unwrap().unwrap().tracked.task;
     assert_eq!((now.state, now.seq), (TaskState::Cancelled, 1));
     assert!(!live(&redis, &id).await);
-
-    // A task that is gone: the save says so.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(keys::task(part, &id))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
     assert!(store.forget("s-2", &id).await.unwrap());
-    assert_eq!(
-        store
-            .save(&cancelled, 1, track, NextDue::Final, 60)
-            .await
-            .unwrap(),
-        Saved::Gone
-    );
 }
 
 /// Data of a version before partitions (unpartitioned names, a `tw:due`

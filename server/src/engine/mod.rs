@@ -492,36 +492,41 @@ impl Engine {
         if task.state.is_final() {
             return Ok(task);
         }
-        self.cancel_backend(session, task_id, &backend_id).await?;
-        Ok(self.task_of(session, task_id).await.unwrap_or(task))
+        match self.cancel_backend(session, task_id, &backend_id).await? {
+            Some(changed) => Ok(changed),
+            None => Ok(self.task_of(session, task_id).await.unwrap_or(task)),
+        }
     }
 
-    /// Asks the task service to cancel and commits its answer.
+    /// Asks the task service to cancel and commits its answer: the new
+    /// state, if it changed.
     async fn cancel_backend(
         &self,
         session: &str,
         task_id: &str,
         backend_id: &str,
-    ) -> Result<(), Refused> {
+    ) -> Result<Option<Task>, Refused> {
         let slot = self.backends.slot(self.backends.slot_of(backend_id));
         let answer = match slot.ctx.backend.cancel(backend_id).await {
             Ok(status) => Some(status),
             Err(BackendError::NotFound) => None,
             Err(e) => return Err(e.into()),
         };
-        let policy = &slot.ctx.policy;
-        let step = |tracked: &mut crate::task::Tracked, now| match &answer {
-            Some(status) => tracked.on_status(status, policy, now, 0.0),
-            None => tracked.fail(LOST_TASK.into(), policy, now),
+        let step = cancel_step(&answer, &slot.ctx.policy);
+        let changed = match &self.imp {
+            Imp::Memory(m) => m
+                .commit(task_id, step)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|c| c.changed),
+            // The partition's owner commits it; shown here at once.
+            Imp::Redis(r) => r.cancel(session, task_id, answer.clone(), step).await?,
         };
-        let committed = match &self.imp {
-            Imp::Memory(m) => m.commit(task_id, step).await.ok().flatten(),
-            Imp::Redis(r) => r.commit_in(session, task_id, step).await?,
-        };
-        if let Some(task) = committed.and_then(|c| c.changed) {
-            self.fanout.apply(session, &task);
+        if let Some(task) = &changed {
+            self.fanout.apply(session, task);
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// `forget`: drops a finished task of `conn`'s session.
@@ -568,5 +573,19 @@ impl Engine {
             subscriptions: f.subscriptions,
             pending_frames: f.pending_frames,
         }
+    }
+}
+
+/// The transition a `cancel` commits: the task service's answer to it
+/// applied like a poll's, or, when it does not know the task (`None`), the
+/// task lost. The same on a web process (memory engine) and on a
+/// partition's owner (Redis engine).
+pub fn cancel_step<'a>(
+    answer: &'a Option<crate::task_api::Status>,
+    policy: &'a crate::task::policy::PollPolicy,
+) -> impl FnMut(&mut crate::task::Tracked, u64) -> crate::task::Step + Send + 'a {
+    move |tracked, now| match answer {
+        Some(status) => tracked.on_status(status, policy, now, 0.0),
+        None => tracked.fail(LOST_TASK.into(), policy, now),
     }
 }

@@ -16,6 +16,7 @@
 //! | `{tw:N}:task:{id}` | hash | `task` (JSON), `seq`, `session`, `backend`, `track` (JSON), `final` |
 //! | `{tw:N}:live` | set | the partition's task ids not yet final |
 //! | `{tw:N}:new` | list | ids created and not yet taken by the partition's owner |
+//! | `{tw:N}:cancels` | list | cancels from web processes, for the partition's owner to apply |
 //! | `{tw:N}:owner` | string | the worker owning the partition (expires: a lease) |
 //! | `{tw:N}:session:{token}` | hash | `created`; exists while the session does |
 //! | `{tw:N}:session:{token}:tasks` | sorted set | the session's task ids by creation |
@@ -68,6 +69,11 @@ pub fn live(p: u16) -> String {
 /// The partition's new task ids, for its owner to take.
 pub fn inbox(p: u16) -> String {
     format!("{{tw:{p}}}:new")
+}
+
+/// The partition's cancels, for its owner to apply (`CancelReq` JSON).
+pub fn cancels(p: u16) -> String {
+    format!("{{tw:{p}}}:cancels")
 }
 
 /// The lease of the partition's owner.

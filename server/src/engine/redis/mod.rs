@@ -16,16 +16,11 @@ use super::admission::{Refusal, StartLimits};
 use super::backends::Backends;
 use super::pipeline::{next_due, Committed};
 use crate::clock::Clock;
-use crate::metrics as m;
 use crate::task::id::{is_session_token, new_session_token, random_hex};
 use crate::task::{Step, Tracked};
 use app::protocol::Task;
 use std::sync::Arc;
-use store::{Saved, Store, StoreError, Stored};
-
-/// How often a compare-and-set of a task is tried when other writers keep
-/// changing it first.
-pub const CAS_TRIES: usize = 5;
+use store::{Store, StoreError, Stored};
 
 #[derive(Clone)]
 pub struct RedisEngine {
@@ -117,78 +112,68 @@ impl RedisEngine {
         self.store.forget(session, task_id).await
     }
 
-    /// Commits `step` on task `id` of `session` now, not as a poll (a
-    /// `cancel`): compare-and-set on its `seq`. `Ok(None)`: gone.
-    pub async fn commit_in(
+    /// A poll's (or a cancel's) `step` on a task of a partition this
+    /// process owns: run on its copy, committed there, and written to Redis
+    /// when it changed something (`Store::write`: the owner is the only
+    /// writer of its live tasks, so no compare-and-set). What was
+    /// committed, and the task as it now is.
+    pub async fn commit_owned(
         &self,
-        session: &str,
-        id: &str,
-        step: impl FnMut(&mut Tracked, u64) -> Step + Send,
-    ) -> Result<Option<Committed>, StoreError> {
-        Ok(self
-            .commit_stored(session, id, None, None, step)
-            .await?
-            .map(|(committed, _)| committed))
-    }
-
-    /// Runs `step` on task `id` of `session` (from `first` when the caller
-    /// read it already) and saves what it decides by compare-and-set on the
-    /// task's `seq`, running it again on the newer state when another
-    /// writer got there first (at most [`CAS_TRIES`] times, then
-    /// [`StoreError::Contended`]). What was committed, and the task as
-    /// saved; `None`: the task is gone.
-    pub async fn commit_stored(
-        &self,
-        session: &str,
-        id: &str,
-        first: Option<Stored>,
+        mut stored: Stored,
         due_ms: Option<u64>,
         mut step: impl FnMut(&mut Tracked, u64) -> Step + Send,
-    ) -> Result<Option<(Committed, Stored)>, StoreError> {
-        let mut stored = match first {
-            Some(stored) => stored,
-            None => match self.store.load(session, id).await? {
-                Some(stored) => stored,
-                None => return Ok(None),
-            },
-        };
-        for _ in 0..CAS_TRIES {
-            let loaded_seq = stored.tracked.task.seq;
-            let loaded_track = stored.tracked.track;
-            let now = self.clock.now_ms();
-            let outcome = step(&mut stored.tracked, now);
-            let changed = outcome.next.is_some();
-            if let Some(next) = outcome.next {
-                stored.tracked.commit(next);
-            }
-            let next = next_due(outcome.decision, &stored.tracked, due_ms, now);
-            match self
-                .store
-                .save(&stored, loaded_seq, loaded_track, next, self.retention_s)
-                .await?
-            {
-                Saved::Done => {
-                    if changed && stored.tracked.task.state.is_final() {
-                        self.finals.reached(&stored.tracked.task);
-                    }
-                    let committed = Committed {
-                        next,
-                        changed: changed.then(|| stored.tracked.task.clone()),
-                    };
-                    return Ok(Some((committed, stored)));
-                }
-                Saved::Gone => return Ok(None),
-                Saved::Conflict => {
-                    metrics::counter!(m::REDIS_CAS_CONFLICTS).increment(1);
-                    match self.store.load(session, id).await? {
-                        Some(again) => stored = again,
-                        None => return Ok(None),
-                    }
-                }
-            }
+    ) -> Result<(Committed, Stored), StoreError> {
+        let loaded_track = stored.tracked.track;
+        let now = self.clock.now_ms();
+        let outcome = step(&mut stored.tracked, now);
+        let changed = outcome.next.is_some();
+        if let Some(next) = outcome.next {
+            stored.tracked.commit(next);
         }
-        // Still contended: the caller reads it again (the owner's poll) or
-        // says so (a cancel).
-        Err(StoreError::Contended)
+        let next = next_due(outcome.decision, &stored.tracked, due_ms, now);
+        let track_changed = stored.tracked.track != loaded_track;
+        self.store
+            .write(&stored, changed, track_changed, self.retention_s)
+            .await?;
+        if changed && stored.tracked.task.state.is_final() {
+            self.finals.reached(&stored.tracked.task);
+        }
+        let committed = Committed {
+            next,
+            changed: changed.then(|| stored.tracked.task.clone()),
+        };
+        Ok((committed, stored))
+    }
+
+    /// A web process's `cancel` of task `id` of `session`, with the task
+    /// service's answer `status` (`None`: it does not know the task): handed
+    /// to the partition's owner, which applies `step` to its copy. The state
+    /// it will most likely commit (the step on the state in Redis now), for
+    /// the caller to show; `None` when the task is gone or the step changes
+    /// nothing.
+    pub async fn cancel(
+        &self,
+        session: &str,
+        id: &str,
+        status: Option<crate::task_api::Status>,
+        mut step: impl FnMut(&mut Tracked, u64) -> Step + Send,
+    ) -> Result<Option<Task>, StoreError> {
+        let Some(mut stored) = self.store.load(session, id).await? else {
+            return Ok(None);
+        };
+        self.store
+            .push_cancel(
+                session,
+                &store::CancelReq {
+                    id: id.to_string(),
+                    status,
+                },
+            )
+            .await?;
+        let outcome = step(&mut stored.tracked, self.clock.now_ms());
+        Ok(outcome.next.map(|next| {
+            stored.tracked.commit(next);
+            stored.tracked.task
+        }))
     }
 }

@@ -1,22 +1,24 @@
 //! The Redis engine's store: the few commands and scripts the web and
-//! worker roles need. Every multi-key change is one script (`lua/`), so it
-//! is atomic; every change to a task bumps its `seq` by compare-and-set and
-//! publishes the new state on [`keys::EVENTS`]. Key names: [`keys`]; every
-//! call touches the keys of one partition (one hash tag), so it runs the
-//! same on one Redis and on a Redis Cluster ([`super::conn`]).
+//! worker roles need. The changes a web process makes (a new task, a
+//! session, an admitted start, a forgotten task) are one script each
+//! (`lua/`), so they are atomic. A live task is written only by the owner
+//! of its partition (`worker.rs`), with plain pipelined commands: every
+//! change bumps its `seq` and publishes the new state on [`keys::EVENTS`];
+//! a web process's `cancel` is handed to the owner ([`Store::push_cancel`]).
+//! Key names: [`keys`]; every call touches the keys of one partition (one
+//! hash tag), so it runs the same on one Redis and on a Redis Cluster
+//! ([`super::conn`]).
 //!
-//! Saves are batched: a process's saves of the same moment (a worker's
-//! polls that finished within [`SAVE_LINGER`]) go to Redis as one script
-//! call per partition, which runs each compare-and-set in turn and
-//! publishes the changes as one message (a JSON array of [`Event`]s). A
-//! save whose task and poll memory did not change writes nothing.
-//! The partition commands (leases, inbox, live set) serve the worker that
-//! owns partitions (`worker.rs`).
+//! Writes are batched: a worker's writes of the same moment (polls that
+//! finished within [`WRITE_LINGER`]) go to Redis as one pipeline (one per
+//! partition on a cluster) and their changes as one message (a JSON array
+//! of [`Event`]s). A poll whose task and poll memory did not change writes
+//! nothing. The partition commands (leases, inboxes, live set) serve the
+//! worker that owns partitions.
 
 use super::conn::{self, Conn};
 use super::keys::{self, EVENTS, PARTITIONS, PARTITION_COUNT, WAKE, WORKERS};
 use crate::engine::admission::{Refusal, StartLimits, PENDING_STALE, START_WINDOW};
-use crate::task::policy::NextDue;
 use crate::task::{Track, Tracked};
 use app::protocol::Task;
 use redis::Script;
@@ -38,8 +40,6 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("taskwire's store holds a task it cannot read: {0}")]
     Corrupt(String),
-    #[error("the task kept changing under every try to save it")]
-    Contended,
 }
 
 /// What goes over [`EVENTS`]: a task's new state, or a forgotten task.
@@ -65,31 +65,17 @@ pub struct Stored {
     pub backend_id: String,
 }
 
-/// The outcome of a compare-and-set save.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Saved {
-    Done,
-    /// Someone else changed the task first: load it again and retry.
-    Conflict,
-    /// The task is gone (expired or forgotten).
-    Gone,
-}
-
 static RESOLVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/resolve.lua")));
 
 static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/admit.lua")));
 
 static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
 
-static SAVE_MANY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/save_many.lua")));
-
-/// Saves per script call, at most.
-const SAVE_BATCH: usize = 256;
-/// How long the first save of a batch waits for others to join it: the
-/// price, in staleness, of one script call and one message for many polls
-/// of a partition.
-pub const SAVE_LINGER: Duration = Duration::from_millis(8);
+/// Writes per pipeline, at most.
+const WRITE_BATCH: usize = 256;
+/// How long the first write of a batch waits for others to join it: the
+/// price, in staleness, of one pipeline and one message for many polls.
+pub const WRITE_LINGER: Duration = Duration::from_millis(8);
 
 static LOAD_SESSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/load_session.lua")));
@@ -111,19 +97,31 @@ pub struct Store {
     pubsub: Arc<[redis::Client]>,
     /// Whether `conn` is a cluster.
     cluster: bool,
-    /// The batcher of saves ([`save_batches`]), started by the first save.
-    saves: Arc<OnceLock<mpsc::UnboundedSender<SaveReq>>>,
+    /// The batcher of writes ([`write_batches`]), started by the first.
+    writes: Arc<OnceLock<mpsc::UnboundedSender<WriteReq>>>,
 }
 
-/// One compare-and-set save waiting for its batch.
-struct SaveReq {
-    /// The task's partition: a batch's calls go one per partition.
+/// One owner's write of a task, waiting for its batch.
+struct WriteReq {
+    /// The task's partition: on a cluster a pipeline holds one partition's.
     part: u16,
-    /// `task`, `live`, `session live` keys.
-    keys: [String; 3],
-    /// `seq`, task json, track json, next, id, event head, final flag, retention.
-    args: [String; 8],
-    reply: oneshot::Sender<Result<Saved, StoreError>>,
+    /// The task's hash.
+    key: String,
+    /// `HSET` field/value pairs.
+    fields: Vec<(&'static str, String)>,
+    /// The event to publish (a change), or none (poll memory only).
+    event: Option<String>,
+    /// Final: `(id, partition live set, session live set, retention s)`.
+    ends: Option<(String, String, String, u64)>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A `cancel` handed to the owner of the task's partition: the task
+/// service's answer (`None`: it does not know the task).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CancelReq {
+    pub id: String,
+    pub status: Option<crate::task_api::Status>,
 }
 
 impl Store {
@@ -136,7 +134,7 @@ impl Store {
             conn: target.conn,
             pubsub: target.pubsub.into(),
             cluster: target.cluster,
-            saves: Default::default(),
+            writes: Default::default(),
         })
     }
 
@@ -431,78 +429,115 @@ impl Store {
             .await?)
     }
 
-    /// Saves `stored` (its task already committed with the next `seq` when
-    /// it changed) if nobody changed the task since it was loaded at
-    /// `loaded_seq` with the poll memory `loaded_track`, and publishes a
-    /// change; a task turned final (`next` is [`NextDue::Final`]) leaves the
-    /// live sets and expires after `retention_s`. Goes to Redis in the next
-    /// batch of saves of its partition.
-    pub async fn save(
+    /// Writes a task its partition's owner changed: the task (when
+    /// `changed`, with its new `seq`, and an event published) and its poll
+    /// memory (when `track_changed`); a final task leaves the live sets and
+    /// expires after `retention_s`. No compare-and-set: the owner is the
+    /// only writer of its live tasks (a web process's `cancel` goes to the
+    /// owner, [`Store::push_cancel`]). Goes in the next batch: one
+    /// pipeline of plain commands and one published message.
+    pub async fn write(
         &self,
         stored: &Stored,
-        loaded_seq: u64,
-        loaded_track: Track,
-        next: NextDue,
+        changed: bool,
+        track_changed: bool,
         retention_s: u64,
-    ) -> Result<Saved, StoreError> {
+    ) -> Result<(), StoreError> {
         let task = &stored.tracked.task;
-        let changed = task.seq != loaded_seq;
-        let (task_json, event_head) = if changed {
-            // An `Event` with `t` last: the script appends the task's JSON.
-            let head = format!(
-                "{{\"s\":{},\"b\":{},\"t\":",
+        let part = keys::partition_of(&stored.session);
+        let mut fields = Vec::with_capacity(4);
+        let mut event = None;
+        if changed {
+            let json = to_json(task);
+            // An `Event` with `t` last, the task's JSON written once.
+            event = Some(format!(
+                "{{\"s\":{},\"b\":{},\"t\":{json}}}",
                 to_json(&stored.session),
                 to_json(&stored.backend_id)
-            );
-            (to_json(task), head)
-        } else {
-            (String::new(), String::new())
-        };
-        let track = if stored.tracked.track != loaded_track {
-            to_json(&stored.tracked.track)
-        } else {
-            String::new()
-        };
-        let next = match next {
-            NextDue::Final => "final",
-            NextDue::At(_) | NextDue::Keep => "",
-        };
-        let part = keys::partition_of(&stored.session);
-        let (reply, outcome) = oneshot::channel();
-        let req = SaveReq {
-            part,
-            keys: [
-                keys::task(part, &task.id),
+            ));
+            fields.push(("task", json));
+            fields.push(("seq", task.seq.to_string()));
+            if task.state.is_final() {
+                fields.push(("final", "1".into()));
+            }
+        }
+        if track_changed {
+            fields.push(("track", to_json(&stored.tracked.track)));
+        }
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let ends = (changed && task.state.is_final()).then(|| {
+            (
+                task.id.clone(),
                 keys::live(part),
                 keys::session_sub(&stored.session, "live"),
-            ],
-            args: [
-                loaded_seq.to_string(),
-                task_json,
-                track,
-                next.into(),
-                task.id.clone(),
-                event_head,
-                if task.state.is_final() { "1" } else { "0" }.into(),
-                retention_s.max(1).to_string(),
-            ],
+                retention_s.max(1),
+            )
+        });
+        let (reply, outcome) = oneshot::channel();
+        let req = WriteReq {
+            part,
+            key: keys::task(part, &task.id),
+            fields,
+            event,
+            ends,
             reply,
         };
-        let saver = self.saves.get_or_init(|| {
+        let writer = self.writes.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(save_batches(self.conn.clone(), self.cluster, rx));
+            tokio::spawn(write_batches(self.conn.clone(), self.cluster, rx));
             tx
         });
-        if let Err(mpsc::error::SendError(req)) = saver.send(req) {
+        if let Err(mpsc::error::SendError(req)) = writer.send(req) {
             // The batcher's runtime is gone (a store outliving it): alone.
-            save_batch(self.conn.clone(), vec![req]).await;
+            write_batch(self.conn.clone(), self.cluster, vec![req]).await;
         }
         outcome.await.unwrap_or_else(|_| {
             Err(StoreError::Redis(redis::RedisError::from((
                 redis::ErrorKind::Io,
-                "the batch of saves was dropped",
+                "the batch of writes was dropped",
             ))))
         })
+    }
+
+    /// Hands a `cancel` of task `id` of `session` to its partition's owner
+    /// (the partition's cancel inbox) and wakes it.
+    pub async fn push_cancel(&self, session: &str, req: &CancelReq) -> Result<(), StoreError> {
+        let part = keys::partition_of(session);
+        let mut c = self.conn.clone();
+        redis::cmd("RPUSH")
+            .arg(keys::cancels(part))
+            .arg(to_json(req))
+            .query_async::<()>(&mut c)
+            .await?;
+        redis::cmd("PUBLISH")
+            .arg(WAKE)
+            .arg(part)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes up to `max` cancels from the partition's cancel inbox.
+    pub async fn take_cancels(&self, part: u16, max: usize) -> Result<Vec<CancelReq>, StoreError> {
+        let mut c = self.conn.clone();
+        let raw: Option<Vec<String>> = redis::cmd("LPOP")
+            .arg(keys::cancels(part))
+            .arg(max)
+            .query_async(&mut c)
+            .await?;
+        Ok(raw
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| match from_json::<CancelReq>(r) {
+                Ok(req) => Some(req),
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unreadable cancel was dropped");
+                    None
+                }
+            })
+            .collect())
     }
 
     /// `forget`: drops a final task of `session`. Whether it did.
@@ -673,30 +708,29 @@ impl Store {
     }
 }
 
-/// Collects saves into batches: the first waits [`SAVE_LINGER`] for others
-/// (at most [`SAVE_BATCH`]), then the batch goes as one script call — on a
-/// cluster, one per partition (a script's keys must share a slot), the
-/// partitions' calls at once; the saves that arrive meanwhile form the
-/// next. The channel is unbounded because its callers
-/// bound it: each is a poll holding a permit of its backend, or a `cancel`
-/// of a connection holding a request permit.
-async fn save_batches(conn: Conn, cluster: bool, mut saves: mpsc::UnboundedReceiver<SaveReq>) {
-    let mut batch = Vec::with_capacity(SAVE_BATCH);
-    while let Some(first) = saves.recv().await {
+/// Collects writes into batches: the first waits [`WRITE_LINGER`] for
+/// others (at most [`WRITE_BATCH`]), then the batch goes as one pipeline of
+/// plain commands with one published message — on a cluster one pipeline
+/// per partition (a pipeline's keys must share a slot), at once; the writes
+/// that arrive meanwhile form the next. The channel is unbounded because
+/// its callers bound it: each is a poll holding a permit of its backend.
+async fn write_batches(conn: Conn, cluster: bool, mut writes: mpsc::UnboundedReceiver<WriteReq>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while let Some(first) = writes.recv().await {
         batch.push(first);
-        let linger = tokio::time::sleep(SAVE_LINGER);
+        let linger = tokio::time::sleep(WRITE_LINGER);
         tokio::pin!(linger);
-        while batch.len() < SAVE_BATCH {
+        while batch.len() < WRITE_BATCH {
             tokio::select! {
                 biased;
-                more = saves.recv() => match more {
+                more = writes.recv() => match more {
                     Some(req) => batch.push(req),
                     None => break,
                 },
                 _ = &mut linger => break,
             }
         }
-        let mut parts: HashMap<u16, Vec<SaveReq>> = HashMap::new();
+        let mut parts: HashMap<u16, Vec<WriteReq>> = HashMap::new();
         for req in batch.drain(..) {
             let group = if cluster { req.part } else { 0 };
             parts.entry(group).or_default().push(req);
@@ -704,41 +738,46 @@ async fn save_batches(conn: Conn, cluster: bool, mut saves: mpsc::UnboundedRecei
         futures::future::join_all(
             parts
                 .into_values()
-                .map(|reqs| save_batch(conn.clone(), reqs)),
+                .map(|reqs| write_batch(conn.clone(), cluster, reqs)),
         )
         .await;
     }
 }
 
-/// One script call for `batch` (saves of one partition); each save's
-/// outcome to its caller.
-async fn save_batch(mut conn: Conn, batch: Vec<SaveReq>) {
-    let mut call = SAVE_MANY.prepare_invoke();
-    call.arg(EVENTS);
+/// One pipeline for `batch`; the outcome to every writer. On a cluster the
+/// message goes after it, on its own (a cluster pipeline goes to one node,
+/// chosen by its keys; `PUBLISH` has none).
+async fn write_batch(mut conn: Conn, cluster: bool, batch: Vec<WriteReq>) {
+    let mut pipe = redis::pipe();
+    let mut events = Vec::new();
     for req in &batch {
-        for key in &req.keys {
-            call.key(key);
+        pipe.hset_multiple(&req.key, &req.fields).ignore();
+        if let Some((id, live, session_live, retention)) = &req.ends {
+            pipe.srem(live, id)
+                .ignore()
+                .srem(session_live, id)
+                .ignore()
+                .expire(&req.key, *retention as i64)
+                .ignore();
         }
-        for arg in &req.args {
-            call.arg(arg);
+        if let Some(event) = &req.event {
+            events.push(event.as_str());
         }
     }
-    let outcomes: Result<Vec<i64>, redis::RedisError> = call.invoke_async(&mut conn).await;
-    match outcomes {
-        Ok(outcomes) => {
-            for (req, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = req.reply.send(Ok(match outcome {
-                    1 => Saved::Done,
-                    0 => Saved::Conflict,
-                    _ => Saved::Gone,
-                }));
-            }
-        }
-        Err(e) => {
-            for req in batch {
-                let _ = req.reply.send(Err(StoreError::Redis(e.clone())));
-            }
-        }
+    let message = (!events.is_empty()).then(|| format!("[{}]", events.join(",")));
+    if let (Some(message), false) = (&message, cluster) {
+        pipe.publish(EVENTS, message).ignore();
+    }
+    let mut outcome: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
+    if let (Some(message), true, true) = (message, cluster, outcome.is_ok()) {
+        outcome = redis::cmd("PUBLISH")
+            .arg(EVENTS)
+            .arg(message)
+            .query_async(&mut conn)
+            .await;
+    }
+    for req in batch {
+        let _ = req.reply.send(outcome.clone().map_err(StoreError::Redis));
     }
 }
 

@@ -1,10 +1,10 @@
 //! The Redis engine's poll worker. The task space is split into
 //! [`PARTITIONS`] partitions ([`keys::partition_of`]); each worker owns
-//! whole partitions and keeps their delay queues in its own memory — one
-//! queue per backend, with that backend's permits, rate cap and poll
-//! context, like the memory engine — so a poll costs Redis only its save
-//! (a compare-and-set, batched per partition by the store), no claim and no
-//! read.
+//! whole partitions and keeps their tasks and delay queues in its own
+//! memory — one queue per backend, with that backend's permits, rate cap
+//! and poll context, like the memory engine — so a poll costs Redis only
+//! its write (plain pipelined commands, batched by the store), no claim, no
+//! read and no script; a poll that changed nothing costs Redis nothing.
 //!
 //! **Ownership.** Every worker keeps a heartbeat in `tw:workers` (it is
 //! live until [`LEASE_MS`] after its last one) and, every [`RENEW_EVERY`],
@@ -22,13 +22,19 @@
 //! inbox at once, and looks at every inbox it owns on each ownership round
 //! in case a wake-up was lost.
 //!
+//! **Cancels** from web processes come through the partition's cancel
+//! inbox (`{tw:p}:cancels`, with the task service's answer) and the same
+//! wake-up; the owner applies each to its copy like a poll's answer (after
+//! the poll in flight, if there is one), so the owner is the only writer
+//! of its live tasks and `seq` rises by one per change.
+//!
 //! **Safety.** A worker whose lease renewal fails, or that finds its lease
 //! taken, drops the partition at once (its polls aborted); without a
-//! renewal for longer than the lease less one round it drops it too, so no
-//! two workers poll a partition at once as long as their clocks run at the
-//! same rate. Every save is a compare-and-set on the task's `seq` all the
-//! same: a web process's `cancel` that got there first makes the save
-//! conflict, and the worker goes on from the task as Redis has it.
+//! renewal for longer than the lease less one round it drops it too, half
+//! a second before the lease can lapse, so no two workers poll or write a
+//! partition at once as long as a worker is not frozen for longer than that
+//! between deciding to write and writing (a write has no compare-and-set
+//! behind it: that is the price of a poll without a script).
 //!
 //! **Failover.** A killed worker's heartbeat and leases run out within
 //! [`LEASE_MS`]; the next round of another worker (at most [`RENEW_EVERY`]
@@ -37,9 +43,10 @@
 //! list at once.
 
 use super::keys::{PARTITIONS, WAKE};
-use super::store::{Store, StoreError, Stored, RETRY_MAX, RETRY_MIN};
+use super::store::{CancelReq, Store, StoreError, Stored, RETRY_MAX, RETRY_MIN};
 use super::RedisEngine;
 use crate::engine::backends::Backends;
+use crate::engine::cancel_step;
 use crate::engine::pipeline::{Committed, Pipeline, PollCtx, TaskStore};
 use crate::metrics as m;
 use crate::task::id::random_hex;
@@ -154,6 +161,8 @@ struct Entry {
     stored: Option<Stored>,
     /// When it is due, while queued.
     due: u64,
+    /// Cancels that came while its poll ran, applied when it is back.
+    cancels: Vec<CancelReq>,
 }
 
 /// An owned partition.
@@ -403,6 +412,8 @@ impl Owner {
                 self.admit(p, id, stored, due).await;
             }
         }
+        // Cancels waiting for an owner: applied now.
+        self.inboxes.mark(Some(p));
         Ok(())
     }
 
@@ -431,6 +442,17 @@ impl Owner {
                 self.read_into(p, &fresh, now_ms).await;
                 if !more {
                     break;
+                }
+            }
+            match self.store.take_cancels(p, READ_BATCH).await {
+                Ok(cancels) => {
+                    for req in cancels {
+                        self.cancel(p, req, now_ms).await;
+                    }
+                }
+                Err(e) => {
+                    redis_error("cancels", &e);
+                    self.inboxes.mark(Some(p));
                 }
             }
         }
@@ -482,6 +504,7 @@ impl Owner {
                         slot,
                         stored: Some(stored),
                         due: due_ms,
+                        cancels: Vec::new(),
                     },
                 );
             }
@@ -542,8 +565,9 @@ impl Owner {
         }
     }
 
-    /// A poll finished: the task back into its queue at its next due time,
-    /// or out when final or gone.
+    /// A poll (or a cancel) finished: the task back into its queue at its
+    /// next due time, or out when final or gone; a cancel that came
+    /// meanwhile is applied now.
     fn finish(&mut self, done: Done, now_ms: u64) {
         if done.epoch != self.epochs[done.part as usize] {
             // Its partition was dropped (and its count with it).
@@ -551,31 +575,79 @@ impl Owner {
         }
         self.polls.remove(&done.id);
         self.running[done.slot] = self.running[done.slot].saturating_sub(1);
-        let next = match done.outcome {
-            Ok(Some((stored, NextDue::At(ms)))) => Some((stored, ms)),
-            Ok(Some((stored, NextDue::Keep))) => {
-                Some((stored, now_ms + MAX_SLEEP.as_millis() as u64))
+        let Some(entry) = self.tasks.get_mut(&done.id) else {
+            return;
+        };
+        let (stored, due) = match done.outcome {
+            Ok(Some((stored, NextDue::At(ms)))) => (stored, ms),
+            // A cancel that left the task running: its poll stays due.
+            Ok(Some((stored, NextDue::Keep))) => (stored, entry.due.max(now_ms)),
+            Ok(Some((_, NextDue::Final))) | Ok(None) => {
+                self.tasks.remove(&done.id);
+                return;
             }
-            Ok(Some((_, NextDue::Final))) | Ok(None) => None,
             Err(e) => {
-                redis_error("save", &e);
+                redis_error("write", &e);
+                // Redis may or may not have it: read it back.
                 self.tasks.remove(&done.id);
                 self.reload.push((done.part, done.id));
                 return;
             }
         };
-        match next {
-            Some((stored, due)) => {
-                if let Some(entry) = self.tasks.get_mut(&done.id) {
-                    entry.stored = Some(stored);
-                    entry.due = due;
-                    self.queues[entry.slot].insert((due, done.id));
-                }
-            }
-            None => {
-                self.tasks.remove(&done.id);
-            }
+        entry.stored = Some(stored);
+        entry.due = due;
+        self.queues[entry.slot].insert((due, done.id.clone()));
+        if !entry.cancels.is_empty() {
+            let req = entry.cancels.remove(0);
+            self.spawn_cancel(done.id, req);
         }
+    }
+
+    /// A cancel from a web process for a task of partition `p`: applied to
+    /// the task here (read from Redis if it is not here yet); dropped if
+    /// the task is gone or already final.
+    async fn cancel(&mut self, p: u16, req: CancelReq, now_ms: u64) {
+        let id: Arc<str> = req.id.as_str().into();
+        if !self.tasks.contains_key(&id) {
+            self.read_into(p, std::slice::from_ref(&req.id), now_ms)
+                .await;
+        }
+        if self.tasks.contains_key(&id) {
+            self.spawn_cancel(id, req);
+        }
+    }
+
+    /// Runs a cancel's transition on a queued task (or, while its poll
+    /// runs, keeps it for when the poll is done).
+    fn spawn_cancel(&mut self, id: Arc<str>, req: CancelReq) {
+        let Some(entry) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let Some(stored) = entry.stored.take() else {
+            entry.cancels.push(req);
+            return;
+        };
+        self.queues[entry.slot].remove(&(entry.due, id.clone()));
+        let (slot, part) = (entry.slot, entry.part);
+        let done = Done {
+            id: id.clone(),
+            part,
+            slot,
+            epoch: self.epochs[part as usize],
+            outcome: Ok(None),
+        };
+        let ctx = self.pipelines[slot].ctx().clone();
+        let engine = self.engine.clone();
+        let handle = self.in_flight.spawn(async move {
+            let step = cancel_step(&req.status, &ctx.policy);
+            let outcome = engine
+                .commit_owned(stored, None, step)
+                .await
+                .map(|(committed, stored)| Some((stored, committed.next)));
+            Done { outcome, ..done }
+        });
+        self.polls.insert(id, handle);
+        self.running[slot] += 1;
     }
 
     fn report(&self) {
@@ -587,8 +659,8 @@ impl Owner {
     }
 }
 
-/// The commit of a poll of an owned task: by compare-and-set, keeping the
-/// task as saved for the next poll.
+/// The commit of a poll of an owned task: on its copy here, written to
+/// Redis, and kept for the next poll.
 struct Owned<'a> {
     engine: &'a RedisEngine,
     saved: Mutex<Option<Stored>>,
@@ -600,7 +672,7 @@ impl TaskStore for Owned<'_> {
 
     async fn commit<F>(
         &self,
-        id: &str,
+        _id: &str,
         first: Option<Stored>,
         due_ms: Option<u64>,
         step: F,
@@ -611,17 +683,11 @@ impl TaskStore for Owned<'_> {
         let Some(first) = first else {
             return Ok(None);
         };
-        let session = first.session.clone();
-        let saved = self
-            .engine
-            .commit_stored(&session, id, Some(first), due_ms, step)
-            .await?;
-        Ok(saved.map(|(committed, stored)| {
-            if let Ok(mut slot) = self.saved.lock() {
-                *slot = Some(stored);
-            }
-            committed
-        }))
+        let (committed, stored) = self.engine.commit_owned(first, due_ms, step).await?;
+        if let Ok(mut slot) = self.saved.lock() {
+            *slot = Some(stored);
+        }
+        Ok(Some(committed))
     }
 }
 
