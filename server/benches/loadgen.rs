@@ -1266,6 +1266,38 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         })
     };
 
+    // Redis in the steady state: from 1 s after the last start to 1.5 s
+    // before the first tasks end, with the simulator's poll count at both
+    // ends (the window above also holds every start and final).
+    let steady = redis.as_ref().and_then(|r| {
+        let from = Duration::from_millis(opts.ramp_ms) + Duration::from_secs(1);
+        let to = Duration::from_millis(opts.duration_ms).checked_sub(Duration::from_millis(1_500))?;
+        (to > from).then(|| {
+            let urls = r.node_urls();
+            let sim_stats = format!("http://{}/stats", sim.addr);
+            tokio::spawn(async move {
+                let sample = || async {
+                    let urls = urls.clone();
+                    let stats = tokio::task::spawn_blocking(move || RedisStats::read_all(&urls))
+                        .await
+                        .map_err(|e| e.to_string())??;
+                    let polls: serde_json::Value = reqwest::get(&sim_stats)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .json()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((stats, polls["polls"].as_u64().unwrap_or(0)))
+                };
+                tokio::time::sleep_until((go_at + from).into()).await;
+                let a = sample().await?;
+                tokio::time::sleep_until((go_at + to).into()).await;
+                let b = sample().await?;
+                Ok::<_, String>((a, b))
+            })
+        })
+    });
+
     // The mid-run crash: SIGKILL, then the same server again.
     let mut restarted = 0u64;
     if let Some(at) = opts.kill_server_at_ms {
@@ -1297,6 +1329,14 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     let run_s = go_at.elapsed().as_secs_f64();
     progress.abort();
     let redis_after = redis.as_ref().map(|r| RedisStats::read_all(&r.node_urls()));
+    let steady = match steady {
+        Some(h) => match h.await {
+            Ok(Ok((((a, _), pa), ((b, _), pb)))) => b.since(&a, pb.saturating_sub(pa)),
+            Ok(Err(e)) => json!({ "error": e }),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+        None => serde_json::Value::Null,
+    };
 
     // 4. What the simulator counted.
     let stats: serde_json::Value = async {
@@ -1504,6 +1544,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
             "peak_rss_mb": mb(peaks[4]),
             "cpu_s": round(r, 2),
             "cpu_us_per_poll": per_poll_us(r),
+            "steady": steady,
             "window": match (&redis_before, &redis_after) {
                 (Some(Ok((b, b_nodes))), Some(Ok((a, a_nodes)))) => {
                     let mut w = a.since(b, polls_total);
@@ -1647,6 +1688,10 @@ fn print_table(r: &serde_json::Value) {
         (
             "redis CPU µs per poll (INFO cpu)",
             s(&r["redis"]["window"]["cpu_us_per_poll"]),
+        ),
+        (
+            "  in the steady state (no starts, no finals)",
+            s(&r["redis"]["steady"]["cpu_us_per_poll"]),
         ),
         (
             "redis commands per poll, by command",

@@ -711,12 +711,16 @@ impl Store {
 /// Collects writes into batches: the first waits [`WRITE_LINGER`] for
 /// others (at most [`WRITE_BATCH`]), then the batch goes as one pipeline of
 /// plain commands with one published message — on a cluster one pipeline
-/// per partition (a pipeline's keys must share a slot), at once; the writes
-/// that arrive meanwhile form the next. The channel is unbounded because
-/// its callers bound it: each is a poll holding a permit of its backend.
+/// per partition (a pipeline's keys must share a slot), all at once, then
+/// the message. The next batch is collected meanwhile; at most
+/// [`WRITES_IN_FLIGHT`] batches are in flight, over the same connection(s),
+/// so a task's writes reach Redis in order. The channel is unbounded
+/// because its callers bound it: each is a poll holding a permit of its
+/// backend.
 async fn write_batches(conn: Conn, cluster: bool, mut writes: mpsc::UnboundedReceiver<WriteReq>) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
     while let Some(first) = writes.recv().await {
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
         batch.push(first);
         let linger = tokio::time::sleep(WRITE_LINGER);
         tokio::pin!(linger);
@@ -730,54 +734,78 @@ async fn write_batches(conn: Conn, cluster: bool, mut writes: mpsc::UnboundedRec
                 _ = &mut linger => break,
             }
         }
-        let mut parts: HashMap<u16, Vec<WriteReq>> = HashMap::new();
-        for req in batch.drain(..) {
-            let group = if cluster { req.part } else { 0 };
-            parts.entry(group).or_default().push(req);
-        }
-        futures::future::join_all(
-            parts
-                .into_values()
-                .map(|reqs| write_batch(conn.clone(), cluster, reqs)),
-        )
-        .await;
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            write_batch(conn, cluster, batch).await;
+            drop(permit);
+        });
     }
 }
 
-/// One pipeline for `batch`; the outcome to every writer. On a cluster the
-/// message goes after it, on its own (a cluster pipeline goes to one node,
-/// chosen by its keys; `PUBLISH` has none).
-async fn write_batch(mut conn: Conn, cluster: bool, batch: Vec<WriteReq>) {
-    let mut pipe = redis::pipe();
-    let mut events = Vec::new();
-    for req in &batch {
-        pipe.hset_multiple(&req.key, &req.fields).ignore();
-        if let Some((id, live, session_live, retention)) = &req.ends {
-            pipe.srem(live, id)
-                .ignore()
-                .srem(session_live, id)
-                .ignore()
-                .expire(&req.key, *retention as i64)
-                .ignore();
-        }
-        if let Some(event) = &req.event {
-            events.push(event.as_str());
-        }
+/// Batches of writes in flight at once, at most.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// Writes `batch`; the outcome to every writer. One Redis: one pipeline,
+/// the message in it. A cluster: a pipeline per partition (a cluster
+/// pipeline goes to one node, chosen by its keys), at once, then one
+/// message with the changes of those that were written.
+async fn write_batch(conn: Conn, cluster: bool, batch: Vec<WriteReq>) {
+    let mut parts: HashMap<u16, Vec<WriteReq>> = HashMap::new();
+    for req in batch {
+        let group = if cluster { req.part } else { 0 };
+        parts.entry(group).or_default().push(req);
     }
-    let message = (!events.is_empty()).then(|| format!("[{}]", events.join(",")));
-    if let (Some(message), false) = (&message, cluster) {
-        pipe.publish(EVENTS, message).ignore();
-    }
-    let mut outcome: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
-    if let (Some(message), true, true) = (message, cluster, outcome.is_ok()) {
-        outcome = redis::cmd("PUBLISH")
+    let written = futures::future::join_all(parts.into_values().map(|reqs| {
+        let mut conn = conn.clone();
+        async move {
+            let mut pipe = redis::pipe();
+            let mut events = Vec::new();
+            for req in &reqs {
+                pipe.hset_multiple(&req.key, &req.fields).ignore();
+                if let Some((id, live, session_live, retention)) = &req.ends {
+                    pipe.srem(live, id)
+                        .ignore()
+                        .srem(session_live, id)
+                        .ignore()
+                        .expire(&req.key, *retention as i64)
+                        .ignore();
+                }
+                if let Some(event) = &req.event {
+                    events.push(event.clone());
+                }
+            }
+            if !cluster && !events.is_empty() {
+                pipe.publish(EVENTS, format!("[{}]", events.join(",")))
+                    .ignore();
+                events.clear();
+            }
+            let outcome: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
+            (reqs, outcome, events)
+        }
+    }))
+    .await;
+    let events: Vec<&str> = written
+        .iter()
+        .filter(|(_, outcome, _)| outcome.is_ok())
+        .flat_map(|(_, _, events)| events.iter().map(String::as_str))
+        .collect();
+    let mut published = Ok(());
+    if !events.is_empty() {
+        let mut conn = conn.clone();
+        published = redis::cmd("PUBLISH")
             .arg(EVENTS)
-            .arg(message)
-            .query_async(&mut conn)
+            .arg(format!("[{}]", events.join(",")))
+            .query_async::<()>(&mut conn)
             .await;
     }
-    for req in batch {
-        let _ = req.reply.send(outcome.clone().map_err(StoreError::Redis));
+    for (reqs, outcome, _) in written {
+        let outcome = outcome.and(published.clone());
+        for req in reqs {
+            let _ = req.reply.send(outcome.clone().map_err(StoreError::Redis));
+        }
     }
 }
 
