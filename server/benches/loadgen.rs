@@ -1271,7 +1271,8 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     // ends (the window above also holds every start and final).
     let steady = redis.as_ref().and_then(|r| {
         let from = Duration::from_millis(opts.ramp_ms) + Duration::from_secs(1);
-        let to = Duration::from_millis(opts.duration_ms).checked_sub(Duration::from_millis(1_500))?;
+        let to =
+            Duration::from_millis(opts.duration_ms).checked_sub(Duration::from_millis(1_500))?;
         (to > from).then(|| {
             let urls = r.node_urls();
             let sim_stats = format!("http://{}/stats", sim.addr);

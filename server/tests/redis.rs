@@ -181,7 +181,7 @@ async fn two_web_two_workers_one_task_space(redis: impl TestRedis) {
 
 on_single_and_cluster!(sessions_spread_over_partitions_workers_and_shards);
 /// Many sessions' tasks: the partitions are shared out between the two
-/// workers (8 each, by lease), every task ends right, and on a cluster
+/// workers (half each, by lease), every task ends right, and on a cluster
 /// every shard holds a part of the data.
 async fn sessions_spread_over_partitions_workers_and_shards(redis: impl TestRedis) {
     let sim = SimProcess::start();
@@ -207,12 +207,13 @@ async fn sessions_spread_over_partitions_workers_and_shards(redis: impl TestRedi
     let polled = sim.stats_per_task().await;
     assert_eq!(polled.len(), all.len(), "every task polled");
     let mut owners = std::collections::HashMap::<String, u32>::new();
-    for p in 0..16 {
+    for p in 0..server::engine::redis::keys::PARTITIONS {
         let owner = redis.cli(&["get", &format!("{{tw:{p}}}:owner")]);
         *owners.entry(owner.trim().to_string()).or_default() += 1;
     }
     assert_eq!(owners.len(), 2, "two owners: {owners:?}");
-    assert!(owners.values().all(|n| *n == 8), "{owners:?}");
+    let half = u32::from(server::engine::redis::keys::PARTITIONS) / 2;
+    assert!(owners.values().all(|n| *n == half), "{owners:?}");
     let spread = redis.keys_per_node();
     assert!(spread.iter().all(|n| *n > 0), "keys per node: {spread:?}");
 }

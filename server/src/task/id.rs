@@ -30,7 +30,7 @@ pub fn new_task_id(session: &str) -> String {
 
 /// How many partitions the Redis engine splits tasks and sessions into.
 /// Fixed: it decides where every key lives in Redis.
-pub const PARTITIONS: u16 = 16;
+pub const PARTITIONS: u16 = 64;
 
 /// The partition of a session token or task id: FNV-1a of it.
 pub fn partition(s: &str) -> u16 {

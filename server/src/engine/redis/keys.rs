@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn sessions_spread_over_the_partitions() {
         let mut seen = [0u32; PARTITIONS as usize];
-        for i in 0..1600 {
+        for i in 0..6400 {
             seen[partition_of(&format!("session-{i:04}")) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
