@@ -279,6 +279,50 @@ async fn a_cancel_goes_to_the_partition_s_owner(redis: impl TestRedis) {
     assert!(last.seq >= *seqs.last().unwrap(), "{} < {seqs:?}", last.seq);
 }
 
+on_single_and_cluster!(a_worker_joining_takes_half_the_partitions_mid_run);
+/// A second worker joining mid-run: the first hands over the partitions
+/// now assigned to the newcomer, which reads their tasks and polls them;
+/// every task ends right and none is polled more than its cadence allows
+/// (two workers never poll one task at once).
+async fn a_worker_joining_takes_half_the_partitions_mid_run(redis: impl TestRedis) {
+    let sim = SimProcess::start();
+    let web = taskwire("web", &redis, &sim);
+    let _w1 = taskwire("worker", &redis, &sim);
+    let duration_ms = 3_000;
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut c = Client::connect(web.addr, None).await;
+        let ids = start_many(&mut c, 2, duration_ms).await;
+        clients.push((c, ids));
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let _w2 = taskwire("worker", &redis, &sim);
+    for (c, ids) in &mut clients {
+        let finals = until_all_final(c, ids).await;
+        assert!(finals
+            .iter()
+            .all(|t| t.state == TaskState::Succeeded && t.done == 10));
+    }
+    let ticks = duration_ms / INTERVAL_MS;
+    for (backend_id, polls) in sim.stats_per_task().await {
+        assert!(
+            polls <= ticks + 4,
+            "task {backend_id} polled {polls} times in {ticks} ticks"
+        );
+    }
+    // Both own partitions now.
+    let mut owners = std::collections::HashSet::new();
+    for p in 0..server::engine::redis::keys::PARTITIONS {
+        owners.insert(
+            redis
+                .cli(&["get", &format!("{{tw:{p}}}:owner")])
+                .trim()
+                .to_string(),
+        );
+    }
+    assert_eq!(owners.len(), 2, "{owners:?}");
+}
+
 on_single_and_cluster!(a_killed_worker_s_tasks_finish_on_the_other);
 async fn a_killed_worker_s_tasks_finish_on_the_other(redis: impl TestRedis) {
     let sim = SimProcess::start();
