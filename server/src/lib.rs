@@ -135,6 +135,9 @@ impl Application {
                     if let Err(e) = store.migrate_unpartitioned().await {
                         tracing::warn!(error = %e, "moving keys of an older version failed");
                     }
+                    if let Err(e @ StoreError::Corrupt(_)) = store.check_partitions().await {
+                        return Err(StartupError::Config(e.to_string()));
+                    }
                 }
                 _ => tracing::warn!("Redis is not answering yet; carrying on and retrying"),
             }

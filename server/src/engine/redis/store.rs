@@ -209,6 +209,14 @@ impl Store {
             return Ok(0);
         }
         let mut c = self.conn.clone();
+        // Done once for this Redis: no scan of its keys at every start.
+        let done: Option<String> = redis::cmd("GET")
+            .arg(PARTITION_COUNT)
+            .query_async(&mut c)
+            .await?;
+        if done.is_some() {
+            return Ok(0);
+        }
         let lock: Option<String> = redis::cmd("SET")
             .arg("tw:migrating")
             .arg(1)
@@ -279,6 +287,8 @@ impl Store {
                 break;
             }
         }
+        // The partitioned layout is in place: record its count.
+        self.check_partitions().await?;
         let _: i64 = redis::cmd("DEL")
             .arg("tw:migrating")
             .query_async(&mut c)
