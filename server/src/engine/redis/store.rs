@@ -71,6 +71,9 @@ static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/
 
 static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
 
+/// Cancels a partition's cancel inbox keeps, at most.
+const CANCELS_KEPT: usize = 10_000;
+
 /// Writes per pipeline, at most.
 const WRITE_BATCH: usize = 256;
 /// How long the first write of a batch waits for others to join it: the
@@ -516,9 +519,13 @@ impl Store {
     pub async fn push_cancel(&self, session: &str, req: &CancelReq) -> Result<(), StoreError> {
         let part = keys::partition_of(session);
         let mut c = self.conn.clone();
-        redis::cmd("RPUSH")
-            .arg(keys::cancels(part))
-            .arg(to_json(req))
+        redis::pipe()
+            .rpush(keys::cancels(part), to_json(req))
+            .ignore()
+            // Bounded, should no worker drain it for a long time (the task
+            // service was told already; the owner's polls see the cancel).
+            .ltrim(keys::cancels(part), -(CANCELS_KEPT as isize), -1)
+            .ignore()
             .query_async::<()>(&mut c)
             .await?;
         redis::cmd("PUBLISH")

@@ -20,7 +20,8 @@
 //! **New tasks** go into their partition's inbox (`{tw:p}:new`) and wake
 //! the owner (`tw:wake` names the partition); the owner takes them from the
 //! inbox at once, and looks at every inbox it owns on each ownership round
-//! in case a wake-up was lost.
+//! in case a wake-up was lost (and every 30 s compares each live set with
+//! its memory, in case an inbox entry was).
 //!
 //! **Cancels** from web processes come through the partition's cancel
 //! inbox (`{tw:p}:cancels`, with the task service's answer) and the same
@@ -69,6 +70,10 @@ pub const LEASE_MS: u64 = 1_500;
 pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE_MS / 3);
 /// Tasks read per round trip when a partition is taken.
 const READ_BATCH: usize = 256;
+/// Every this many rounds (30 s) the owner compares each partition's live
+/// set with its memory and reads what it misses (a new task whose inbox
+/// entry was lost).
+const SWEEP_EVERY_ROUNDS: u64 = 60;
 
 /// The worker role's poller.
 pub struct Worker {
@@ -207,6 +212,7 @@ impl Owner {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) {
         let clock = self.backends.slot(0).ctx.clock;
         let mut round = Instant::now() - RENEW_EVERY;
+        let mut rounds = 0u64;
         let mut retry = RETRY_MIN;
         loop {
             while let Some(done) = self.in_flight.try_join_next() {
@@ -226,6 +232,10 @@ impl Owner {
                     }
                 }
                 self.inboxes.mark(None);
+                rounds += 1;
+                if rounds % SWEEP_EVERY_ROUNDS == 0 {
+                    self.sweep(clock.now_ms()).await;
+                }
                 self.report();
             }
             self.take_new(clock.now_ms()).await;
@@ -415,6 +425,25 @@ impl Owner {
         // Cancels waiting for an owner: applied now.
         self.inboxes.mark(Some(p));
         Ok(())
+    }
+
+    /// Reads the live tasks of every owned partition that are not here.
+    async fn sweep(&mut self, now_ms: u64) {
+        let owned: Vec<u16> = self.parts.keys().copied().collect();
+        for p in owned {
+            match self.store.live_ids(p).await {
+                Ok(ids) => {
+                    let missing: Vec<String> = ids
+                        .into_iter()
+                        .filter(|id| !self.tasks.contains_key(id.as_str()))
+                        .collect();
+                    for chunk in missing.chunks(READ_BATCH) {
+                        self.read_into(p, chunk, now_ms).await;
+                    }
+                }
+                Err(e) => redis_error("sweep", &e),
+            }
+        }
     }
 
     /// Takes the new tasks of every owned partition whose inbox was marked,

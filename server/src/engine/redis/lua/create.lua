@@ -10,6 +10,9 @@ redis.call('HSET', KEYS[1], 'task', ARGV[1], 'seq', 0, 'session', ARGV[2],
   'backend', ARGV[3], 'track', '{}', 'final', 0)
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('RPUSH', KEYS[3], ARGV[4])
+-- The inbox is a hint for a running owner (a new owner reads the live set):
+-- bounded, should no worker drain it for a long time.
+redis.call('LTRIM', KEYS[3], -100000, -1)
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[4])
 redis.call('HSETNX', KEYS[6], 'created', ARGV[5])
