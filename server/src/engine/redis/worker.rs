@@ -233,7 +233,7 @@ impl Owner {
                 }
                 self.inboxes.mark(None);
                 rounds += 1;
-                if rounds % SWEEP_EVERY_ROUNDS == 0 {
+                if rounds.is_multiple_of(SWEEP_EVERY_ROUNDS) {
                     self.sweep(clock.now_ms()).await;
                 }
                 self.report();
