@@ -70,6 +70,9 @@ pub const LEASE_MS: u64 = 1_500;
 pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE_MS / 3);
 /// Tasks read per round trip when a partition is taken.
 const READ_BATCH: usize = 256;
+/// The shortest time between two reads of the inboxes: new tasks wait at
+/// most this long for their first poll.
+const INBOX_TICK: Duration = Duration::from_millis(5);
 /// Every this many rounds (30 s) the owner compares each partition's live
 /// set with its memory and reads what it misses (a new task whose inbox
 /// entry was lost).
@@ -152,6 +155,11 @@ impl Inboxes {
         self.wake.notify_one();
     }
 
+    /// Whether any inbox may hold something.
+    fn any(&self) -> bool {
+        self.dirty.iter().any(|d| d.load(Ordering::Relaxed))
+    }
+
     fn take(&self, part: u16) -> bool {
         self.dirty[part as usize].swap(false, Ordering::Relaxed)
     }
@@ -213,6 +221,7 @@ impl Owner {
         let clock = self.backends.slot(0).ctx.clock;
         let mut round = Instant::now() - RENEW_EVERY;
         let mut rounds = 0u64;
+        let mut inbox_read = Instant::now() - INBOX_TICK;
         let mut retry = RETRY_MIN;
         loop {
             while let Some(done) = self.in_flight.try_join_next() {
@@ -238,10 +247,19 @@ impl Owner {
                 }
                 self.report();
             }
-            self.take_new(clock.now_ms()).await;
+            // New tasks and cancels, taken at most every INBOX_TICK: a burst
+            // of starts costs one LPOP and one read per partition per tick.
+            let inbox_wait = INBOX_TICK.saturating_sub(inbox_read.elapsed());
+            if inbox_wait.is_zero() && self.inboxes.any() {
+                inbox_read = Instant::now();
+                self.take_new(clock.now_ms()).await;
+            }
             let now = clock.now_ms();
             self.dispatch(now);
             let mut sleep = MAX_SLEEP.min(RENEW_EVERY.saturating_sub(round.elapsed()));
+            if self.inboxes.any() {
+                sleep = sleep.min(INBOX_TICK.saturating_sub(inbox_read.elapsed()));
+            }
             for q in &self.queues {
                 if let Some((due, _)) = q.first() {
                     sleep = sleep.min(Duration::from_millis(due.saturating_sub(now)));
@@ -449,9 +467,9 @@ impl Owner {
     /// Takes the new tasks of every owned partition whose inbox was marked,
     /// and the tasks to read again.
     async fn take_new(&mut self, now_ms: u64) {
-        let owned: Vec<u16> = self.parts.keys().copied().collect();
-        for p in owned {
-            if !self.inboxes.take(p) {
+        for p in 0..PARTITIONS {
+            // A mark of a partition owned elsewhere is cleared too.
+            if !self.inboxes.take(p) || !self.parts.contains_key(&p) {
                 continue;
             }
             loop {
