@@ -2,11 +2,14 @@
 //! real time kept small: tokio's paused clock would fire the POST's timeout
 //! while the socket waits, so delays here are tens of milliseconds.
 
+mod common;
+
 use app::protocol::{Task, TaskState};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
+use common::redis_server::{RedisCluster, RedisServer, TestRedis};
 use hmac::{Hmac, Mac};
 use server::clock::Clock;
 use server::webhook::{DeliveryStore, WebhookSettings, Webhooks};
@@ -339,17 +342,23 @@ async fn pending_drops_to_zero_within(hooks: &Webhooks, within: Duration) {
     }
 }
 
-/// With Redis (skipped when `redis-server` is not installed): a hook
-/// registered through one process is delivered once when another commits
-/// the final state, and both run a delivery loop on the same queue.
-#[tokio::test]
+/// With Redis — one server, and a 3-master Redis Cluster (the three keys
+/// share a hash tag): a hook registered through one process is delivered
+/// once when another commits the final state, and both run a delivery loop
+/// on the same queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_shares_registrations_and_deliveries_between_processes() {
-    let Some(redis) = RedisServer::start() else {
-        eprintln!("skipped: redis-server is not installed");
-        return;
-    };
+    shared_deliveries(&RedisServer::start().url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shares_registrations_and_deliveries_between_processes() {
+    shared_deliveries(&RedisCluster::start().url()).await;
+}
+
+async fn shared_deliveries(url: &str) {
     let (rx, base) = Receiver::start(&[500]).await;
-    let store = DeliveryStore::Redis(redis.url());
+    let store = DeliveryStore::Redis(url.to_string());
     let a = Webhooks::start(settings(&base), store.clone(), Clock::new())
         .await
         .unwrap();
@@ -370,45 +379,6 @@ async fn redis_shares_registrations_and_deliveries_between_processes() {
     assert_eq!(rx.hits().len(), 2);
     a.close().await;
     b.close().await;
-}
-
-/// A `redis-server` of our own on a free port, killed on drop.
-struct RedisServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> Option<RedisServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(RedisServer { child, port })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An https receiver: Python's http.server behind TLS with a self-signed
