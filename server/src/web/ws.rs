@@ -22,7 +22,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use futures::stream::SplitSink;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -118,9 +118,9 @@ pub async fn handler(
         Err(refused) => return refused.into_response(),
     };
     let max = state.config.limits.max_message_bytes as usize;
-    // One pointer in the upgrade task's closure instead of ~700 bytes that
-    // it would keep beside the connection's own future for its whole life.
-    let args = Box::new((state, watcher, permit));
+    // One pointer in the upgrade task (its closure, then the reader's
+    // future) instead of ~700 bytes kept for the connection's whole life.
+    let admitted = Box::new((state, watcher, permit));
     // Client frames and our updates are small: a 128 KiB buffer per
     // connection each way (tungstenite's defaults) would make 1,000 idle
     // connections cost ~250 MB. The buffers grow when a message needs it.
@@ -129,8 +129,10 @@ pub async fn handler(
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            let (state, watcher, permit) = *args;
-            run(socket, state, watcher, permit)
+            // Split here, not in `run`: an argument stays in an async
+            // fn's state for its whole life, even once moved out.
+            let (sink, stream) = socket.split();
+            run(sink, stream, admitted)
         })
 }
 
@@ -156,21 +158,23 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-async fn run(
-    mut socket: WebSocket,
-    state: AppState,
-    watcher: Watcher,
-    _permit: OwnedSemaphorePermit,
-) {
-    let mut claims = watcher.claims;
+/// What `handler` admitted: the state, who is watching, the connection permit.
+type Admitted = (AppState, Watcher, OwnedSemaphorePermit);
+
+async fn run(mut sink: Sink, mut stream: SplitStream<WebSocket>, admitted: Box<Admitted>) {
+    let (state, watcher, _permit) = &*admitted;
+    let mut claims = watcher.claims.clone();
     // This function's future lives as long as the connection and is as
     // large as the largest future it awaits inline, so the engine's
-    // futures are boxed, each in a statement of its own: a temporary in
-    // the statement of an `.await` stays in the future's state even once
-    // moved into the box (rustc lays it out as live across the await).
-    // Without this an idle connection's reader was ~4 KB.
+    // futures are boxed, and its arguments are two halves of the socket and
+    // one `Box` (`size_of_val`: 2,680 bytes with the futures boxed but
+    // `AppState`, the watcher and the socket as arguments; 768 now).
     let connected = {
-        let connect = Box::pin(state.engine.connect(watcher.session, watcher.view));
+        let connect = Box::pin(
+            state
+                .engine
+                .connect(watcher.session.clone(), watcher.view.clone()),
+        );
         connect.await
     };
     let conn = match connected {
@@ -181,11 +185,10 @@ async fn run(
                 code: close_code::AGAIN,
                 reason: Utf8Bytes::from_static("store unreachable; reconnect"),
             }));
-            let _ = timeout(CLOSE_TIMEOUT, socket.send(frame)).await;
+            let _ = timeout(CLOSE_TIMEOUT, sink.send(frame)).await;
             return;
         }
     };
-    let (sink, mut stream) = socket.split();
     let connections = metrics::gauge!(m::WS_CONNECTIONS);
     connections.increment(1.0);
 
@@ -255,7 +258,7 @@ async fn run(
                     ));
                     continue;
                 }
-                let handled = Box::pin(handle_text(&state, &conn, &mut claims, &requests, text.as_str()));
+                let handled = Box::pin(handle_text(state, &conn, &mut claims, &requests, text.as_str()));
                 handled.await;
             }
         }
