@@ -1196,6 +1196,10 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         pid_of(redis.as_ref().map(|r| r.children[0].id())),
     ]);
 
+    // The server's RSS before any client: the baseline of the per-connection figure.
+    let server_pid = server.pid().to_string();
+    let rss_before_connect_kb = rss_kb(&server_pid).unwrap_or(0);
+
     // 3. The clients: connect all, then start tasks on one common clock.
     let opts = Arc::new(opts);
     let live = Arc::new(Live::default());
@@ -1233,6 +1237,10 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_s = connect_started.elapsed().as_secs_f64();
+    // Every client connected and welcomed, no task yet: what connections
+    // alone cost (sampled once, after the last welcome settles).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_connected_kb = rss_kb(&server_pid).unwrap_or(0);
     let redis_before = redis.as_ref().map(|r| RedisStats::read_all(&r.node_urls()));
     let go_at = Instant::now() + Duration::from_millis(100);
     let _ = go_tx.send(Some(go_at));
@@ -1524,6 +1532,11 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
         },
         "server": {
             "peak_rss_mb": mb(peaks[0]),
+            "rss_before_connect_mb": mb(rss_before_connect_kb),
+            "rss_connected_mb": mb(rss_connected_kb),
+            "rss_kb_per_connection": if connected > 0 {
+                round(rss_connected_kb.saturating_sub(rss_before_connect_kb) as f64 / connected as f64, 1)
+            } else { 0.0 },
             "cpu_s": round(server_s, 2),
             "user_s": round(server_cpu.0 as f64 / tck, 2),
             "sys_s": round(server_cpu.1 as f64 / tck, 2),
@@ -1678,6 +1691,15 @@ fn print_table(r: &serde_json::Value) {
         ),
         ("engine", s(&r["engine"])),
         ("server peak RSS MB", s(&r["server"]["peak_rss_mb"])),
+        (
+            "server RSS MB before / with clients connected (KB per connection)",
+            format!(
+                "{} / {} ({})",
+                s(&r["server"]["rss_before_connect_mb"]),
+                s(&r["server"]["rss_connected_mb"]),
+                s(&r["server"]["rss_kb_per_connection"])
+            ),
+        ),
         (
             "redis commands / reads (round trips) per poll",
             format!(

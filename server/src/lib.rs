@@ -360,7 +360,12 @@ fn build_backends(
                 let sim = sim.get_or_insert_with(|| Arc::new(Simulator::new()));
                 Backend::embedded(sim.clone(), clock)
             }
-            AdapterSpec::Taskwire { url } => Backend::http(url, timeout, clock)?,
+            AdapterSpec::Taskwire { url } => Backend::http(
+                url,
+                timeout,
+                usize::try_from(t.max_concurrent_polls).unwrap_or(usize::MAX),
+                clock,
+            )?,
             AdapterSpec::Http(http) => Backend::declarative(&spec.name, http, timeout, clock)
                 .map_err(|e| StartupError::Config(format!("backend `{}`: {e}", spec.name)))?,
             AdapterSpec::Celery {

@@ -6,8 +6,43 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn main() -> std::process::ExitCode {
+    serve()
+}
+
+// mimalloc's options (the vendored v3 `mi_option_e` of libmimalloc-sys;
+// the crate's own constants are v2's and lack this one).
+#[cfg(target_os = "linux")]
+extern "C" {
+    fn mi_option_set_default(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+/// `mi_option_arena_eager_commit`: 4 in v3's `mi_option_e`.
+#[cfg(target_os = "linux")]
+const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+
+/// mimalloc commits its arenas up front on Linux by default and then only
+/// resets (not decommits) what it frees, so pages freed after a burst
+/// (WebSocket handshakes, a start ramp) stay in the RSS: measured, 2,000
+/// idle connections cost ~15-19 KB each that way and ~10 KB without it
+/// (docs/benchmarks.md, issue 15 second pass). The first arena is reserved
+/// by the first allocation, before `main`, so this runs as an ELF
+/// constructor (before Rust's runtime allocates anything) and allocates
+/// nothing itself. A default only: `MIMALLOC_ARENA_EAGER_COMMIT` in the
+/// environment still wins.
+#[cfg(target_os = "linux")]
+extern "C" fn commit_arenas_lazily() {
+    // SAFETY: a plain setter of the linked mimalloc, run before any thread
+    // or allocation exists.
+    unsafe { mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+}
+
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static COMMIT_ARENAS_LAZILY: extern "C" fn() = commit_arenas_lazily;
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn serve() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

@@ -266,7 +266,7 @@ async fn no_live_task_is_forgotten_and_none_is_held_twice() {
 async fn an_unreachable_service_backs_off_then_gives_up() {
     let clock = Clock::new();
     // Port 1 on loopback: nothing listens, every request is refused.
-    let backend = Backend::http("http://127.0.0.1:1", Duration::from_secs(5), clock).unwrap();
+    let backend = Backend::http("http://127.0.0.1:1", Duration::from_secs(5), 64, clock).unwrap();
     let (engine, memory, fanout, _stop) =
         engine(backend.clone(), policy(500, 10_000, 600_000), clock);
     let (session, _) = engine.resolve_session(None).await.unwrap();

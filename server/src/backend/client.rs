@@ -13,13 +13,22 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-/// Idle keep-alive connections kept; enough for the poll pool.
-const MAX_IDLE: usize = 1024;
+/// Idle keep-alive connections kept when the owner names no bound: the
+/// default poll pool's size (`max_concurrent_polls`); the task-service
+/// adapter passes its own pool's size ([`Client::with_max_idle`]).
+const DEFAULT_MAX_IDLE: usize = 512;
+/// An idle connection unused this long is closed: a burst of starts opens
+/// many connections at once, and steady polling reuses only the few most
+/// recently used ones (the stack is last in, first out), so the rest would
+/// otherwise stay open, each with hyper's buffers and its task, for good.
+const IDLE_EXPIRY: Duration = Duration::from_secs(5);
 /// Longest body read from the task service.
 const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -32,8 +41,10 @@ pub(crate) struct Client {
     /// For an `https://` base URL: the connector and the name the
     /// certificate must carry.
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    /// Idle connections, most recently used last.
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// Idle connections with when each was checked in, most recently used
+    /// last (reused from the back, expired from the front).
+    idle: Mutex<VecDeque<(SendRequest<Full<Bytes>>, Instant)>>,
+    max_idle: usize,
 }
 
 /// An answer: status, `Retry-After` (seconds) if any, body.
@@ -101,8 +112,15 @@ impl Client {
             prefix: prefix.to_string(),
             timeout,
             tls,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
+            max_idle: DEFAULT_MAX_IDLE,
         })
+    }
+
+    /// Keeps at most `max_idle` idle connections (at least one).
+    pub(crate) fn with_max_idle(mut self, max_idle: usize) -> Self {
+        self.max_idle = max_idle.max(1);
+        self
     }
 
     /// One request with the timeout around all of it (connecting
@@ -142,8 +160,10 @@ impl Client {
     }
 
     fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
+        expire(&mut idle, now);
+        while let Some((conn, _)) = idle.pop_back() {
             if !conn.is_closed() {
                 return Some(conn);
             }
@@ -155,10 +175,18 @@ impl Client {
         if conn.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
+        expire(&mut idle, now);
+        if idle.len() < self.max_idle {
+            idle.push_back((conn, now));
         }
+    }
+
+    /// Idle connections kept (for tests).
+    #[cfg(test)]
+    pub(crate) fn idle_len(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, BackendError> {
@@ -232,6 +260,19 @@ impl Client {
     }
 }
 
+/// Drops the idle connections checked in more than [`IDLE_EXPIRY`] ago
+/// (dropping the sender ends the connection's task, which closes it). The
+/// oldest are at the front, so this stops at the first fresh one: O(1)
+/// per call apart from the connections it drops.
+fn expire<T>(idle: &mut VecDeque<(T, Instant)>, now: Instant) {
+    while idle
+        .front()
+        .is_some_and(|(_, since)| now.saturating_duration_since(*since) > IDLE_EXPIRY)
+    {
+        idle.pop_front();
+    }
+}
+
 /// HTTP/1.1 over `io`; the connection is driven by its own task, which
 /// ends when the peer closes it or the sender is dropped.
 async fn handshake<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, BackendError>
@@ -267,5 +308,34 @@ pub(crate) fn unexpected(answer: &Answer) -> BackendError {
         }
     } else {
         BackendError::Protocol(format!("unexpected status {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_connections_expire_oldest_first_and_only_past_the_expiry() {
+        let t0 = Instant::now();
+        let mut idle: VecDeque<(u32, Instant)> = VecDeque::new();
+        idle.push_back((1, t0));
+        idle.push_back((2, t0 + Duration::from_secs(1)));
+        idle.push_back((3, t0 + Duration::from_secs(4)));
+        expire(&mut idle, t0 + IDLE_EXPIRY);
+        assert_eq!(idle.len(), 3, "exactly at the expiry: kept");
+        expire(&mut idle, t0 + IDLE_EXPIRY + Duration::from_millis(1500));
+        assert_eq!(idle.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [3]);
+        expire(&mut idle, t0 + Duration::from_secs(60));
+        assert!(idle.is_empty());
+    }
+
+    #[test]
+    fn max_idle_is_at_least_one() {
+        let c = Client::new("http://127.0.0.1:1", Duration::from_secs(1))
+            .unwrap()
+            .with_max_idle(0);
+        assert_eq!(c.max_idle, 1);
+        assert_eq!(c.idle_len(), 0);
     }
 }

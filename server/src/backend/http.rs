@@ -16,9 +16,11 @@ pub struct HttpBackend {
 }
 
 impl HttpBackend {
-    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, BackendError> {
+    /// `max_idle`: idle keep-alive connections kept, at most (the poll
+    /// pool's size: more are never in use at once by polls).
+    pub fn new(base_url: &str, timeout: Duration, max_idle: usize) -> Result<Self, BackendError> {
         Ok(HttpBackend {
-            inner: Arc::new(Client::new(base_url, timeout)?),
+            inner: Arc::new(Client::new(base_url, timeout)?.with_max_idle(max_idle)),
         })
     }
 
@@ -105,13 +107,13 @@ mod tests {
 
     #[test]
     fn base_urls_parse_once() {
-        let b = HttpBackend::new("http://127.0.0.1:4000", Duration::from_secs(1)).unwrap();
+        let b = HttpBackend::new("http://127.0.0.1:4000", Duration::from_secs(1), 8).unwrap();
         assert_eq!(b.inner.authority, "127.0.0.1:4000");
         assert_eq!(b.task_path("abc"), "/tasks/abc");
-        let b = HttpBackend::new("http://svc/api/", Duration::from_secs(1)).unwrap();
+        let b = HttpBackend::new("http://svc/api/", Duration::from_secs(1), 8).unwrap();
         assert_eq!(b.inner.authority, "svc:80");
         assert_eq!(b.task_path("a/b?c d"), "/api/tasks/a_b_c_d");
-        assert!(HttpBackend::new("https://svc", Duration::from_secs(1)).is_err());
-        assert!(HttpBackend::new("http:///x", Duration::from_secs(1)).is_err());
+        assert!(HttpBackend::new("https://svc", Duration::from_secs(1), 8).is_err());
+        assert!(HttpBackend::new("http:///x", Duration::from_secs(1), 8).is_err());
     }
 }

@@ -141,9 +141,16 @@ impl Backend {
         }
     }
 
-    pub fn http(base_url: &str, timeout: Duration, clock: Clock) -> Result<Self, BackendError> {
+    /// The task-service API over HTTP; at most `max_idle` idle keep-alive
+    /// connections kept (the backend's `max_concurrent_polls`).
+    pub fn http(
+        base_url: &str,
+        timeout: Duration,
+        max_idle: usize,
+        clock: Clock,
+    ) -> Result<Self, BackendError> {
         Ok(Backend {
-            adapter: Adapter::Http(http::HttpBackend::new(base_url, timeout)?),
+            adapter: Adapter::Http(http::HttpBackend::new(base_url, timeout, max_idle)?),
             clock,
             health: Arc::default(),
         })

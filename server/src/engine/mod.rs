@@ -181,6 +181,11 @@ impl Engine {
         self.clock.now_ms()
     }
 
+    /// The engine's clock (a copy: for long-lived tasks that only need the time).
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
     /// The memory engine, when that is the one running (for tests).
     pub fn as_memory(&self) -> Option<&MemoryEngine> {
         match &self.imp {

@@ -7,6 +7,7 @@
 
 use super::session::Session;
 use crate::auth::Claims;
+use crate::clock::Clock;
 use crate::config::ClientLimits;
 use crate::engine::admission::StartLimits;
 use crate::engine::fanout::outbox::REPLY_HIGH_WATER;
@@ -21,7 +22,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use futures::stream::SplitSink;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,8 +32,14 @@ use tokio::time::{timeout, Instant};
 
 /// `start`/`cancel` requests of one connection waiting on the task service.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 16;
-/// Initial read and write buffer of each WebSocket.
-const SOCKET_BUFFER_BYTES: usize = 4 * 1024;
+/// The read buffer each WebSocket allocates at once and keeps, and the
+/// most one read takes from the socket: client frames are a few hundred
+/// bytes at most (a `start`), and a larger one grows the buffer for itself.
+/// 4 KiB here was ~40 % of an idle connection's heap.
+const READ_BUFFER_BYTES: usize = 512;
+/// Frames queued past this many bytes are written without waiting for the
+/// flush (the buffer itself grows only as frames need it).
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a close frame may take to go out before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -111,14 +118,22 @@ pub async fn handler(
         Err(refused) => return refused.into_response(),
     };
     let max = state.config.limits.max_message_bytes as usize;
+    // One pointer in the upgrade task (its closure, then the reader's
+    // future) instead of ~700 bytes kept for the connection's whole life.
+    let admitted = Box::new((state, watcher, permit));
     // Client frames and our updates are small: a 128 KiB buffer per
     // connection each way (tungstenite's defaults) would make 1,000 idle
     // connections cost ~250 MB. The buffers grow when a message needs it.
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(SOCKET_BUFFER_BYTES)
-        .write_buffer_size(SOCKET_BUFFER_BYTES)
-        .on_upgrade(move |socket| run(socket, state, watcher, permit))
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .on_upgrade(move |socket| {
+            // Split here, not in `run`: an argument stays in an async
+            // fn's state for its whole life, even once moved out.
+            let (sink, stream) = socket.split();
+            run(sink, stream, admitted)
+        })
 }
 
 /// The contract's rule: no `Origin` is fine (not a browser); `null` never is;
@@ -143,14 +158,26 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-async fn run(
-    mut socket: WebSocket,
-    state: AppState,
-    watcher: Watcher,
-    _permit: OwnedSemaphorePermit,
-) {
-    let mut claims = watcher.claims;
-    let conn = match state.engine.connect(watcher.session, watcher.view).await {
+/// What `handler` admitted: the state, who is watching, the connection permit.
+type Admitted = (AppState, Watcher, OwnedSemaphorePermit);
+
+async fn run(mut sink: Sink, mut stream: SplitStream<WebSocket>, admitted: Box<Admitted>) {
+    let (state, watcher, _permit) = &*admitted;
+    let mut claims = watcher.claims.clone();
+    // This function's future lives as long as the connection and is as
+    // large as the largest future it awaits inline, so the engine's
+    // futures are boxed, and its arguments are two halves of the socket and
+    // one `Box` (`size_of_val`: 2,680 bytes with the futures boxed but
+    // `AppState`, the watcher and the socket as arguments; 768 now).
+    let connected = {
+        let connect = Box::pin(
+            state
+                .engine
+                .connect(watcher.session.clone(), watcher.view.clone()),
+        );
+        connect.await
+    };
+    let conn = match connected {
         Ok(conn) => Arc::new(conn),
         Err(e) => {
             tracing::warn!(error = %e, "refusing a connection: the store is unreachable");
@@ -158,18 +185,17 @@ async fn run(
                 code: close_code::AGAIN,
                 reason: Utf8Bytes::from_static("store unreachable; reconnect"),
             }));
-            let _ = timeout(CLOSE_TIMEOUT, socket.send(frame)).await;
+            let _ = timeout(CLOSE_TIMEOUT, sink.send(frame)).await;
             return;
         }
     };
-    let (sink, mut stream) = socket.split();
     let connections = metrics::gauge!(m::WS_CONNECTIONS);
     connections.increment(1.0);
 
     let mut writer = tokio::spawn(write_loop(
         sink,
         conn.clone(),
-        state.engine.clone(),
+        state.engine.clock(),
         state.config.limits.clone(),
     ));
 
@@ -232,11 +258,15 @@ async fn run(
                     ));
                     continue;
                 }
-                handle_text(&state, &conn, &mut claims, &requests, text.as_str()).await;
+                let handled = Box::pin(handle_text(state, &conn, &mut claims, &requests, text.as_str()));
+                handled.await;
             }
         }
     }
-    state.engine.disconnect(&conn).await;
+    {
+        let disconnect = Box::pin(state.engine.disconnect(&conn));
+        disconnect.await;
+    }
     writer.abort();
     connections.decrement(1.0);
 }
@@ -263,7 +293,7 @@ type Sink = SplitSink<WebSocket, Message>;
 /// closes a peer that is silent past `ping_timeout_s` or whose writes stay
 /// blocked past `slow_client_timeout_s` (a sleep until the next ping, not an
 /// interval: it is one per connection and restarts after each ping).
-async fn write_loop(mut sink: Sink, conn: Arc<Conn>, engine: Engine, limits: ClientLimits) {
+async fn write_loop(mut sink: Sink, conn: Arc<Conn>, clock: Clock, limits: ClientLimits) {
     let outbox = &conn.outbox;
     let sent = metrics::counter!(m::MESSAGES_SENT);
     let slow = Duration::from_secs(limits.slow_client_timeout_s.max(1));
@@ -304,7 +334,7 @@ async fn write_loop(mut sink: Sink, conn: Arc<Conn>, engine: Engine, limits: Cli
                 tokio::select! {
                     _ = outbox.notified() => {}
                     _ = tokio::time::sleep_until(next_ping) => {
-                        let silent_ms = engine
+                        let silent_ms = clock
                             .now_ms()
                             .saturating_sub(conn.last_seen_ms.load(Ordering::Relaxed));
                         if silent_ms > limits.ping_timeout_s * 1000 {
