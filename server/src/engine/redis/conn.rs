@@ -154,3 +154,164 @@ mod tests {
         );
     }
 }
+
+/// A cluster's masters by partition, for the owner's writes: one pipeline
+/// per node, sent on a connection of its own to that node, instead of one
+/// per partition through the cluster client (whose pipelines hold one
+/// slot). Read from `CLUSTER SLOTS` at first use and every 30 s; a write
+/// that fails on it (a slot moved, a node gone) marks it stale and goes the
+/// cluster client's way instead.
+#[derive(Default)]
+pub struct Nodes {
+    state: tokio::sync::Mutex<NodesState>,
+}
+
+#[derive(Default)]
+struct NodesState {
+    /// Per partition, its master's index in `conns`.
+    node_of: Vec<usize>,
+    conns: Vec<redis::aio::MultiplexedConnection>,
+    read: Option<std::time::Instant>,
+    stale: bool,
+}
+
+/// How long a read of the cluster's slots is trusted.
+const NODES_FRESH: Duration = Duration::from_secs(30);
+/// The least time between two tries to read them.
+const NODES_RETRY: Duration = Duration::from_secs(1);
+
+impl Nodes {
+    /// Per partition its node's index, and a connection per node; `None`
+    /// while unknown.
+    pub async fn current(
+        &self,
+        conn: &Conn,
+    ) -> Option<(Vec<usize>, Vec<redis::aio::MultiplexedConnection>)> {
+        let mut st = self.state.lock().await;
+        let age = st.read.map(|t| t.elapsed());
+        let due = match age {
+            None => true,
+            Some(age) if st.stale || st.conns.is_empty() => age >= NODES_RETRY,
+            Some(age) => age >= NODES_FRESH,
+        };
+        if due {
+            st.read = Some(std::time::Instant::now());
+            match read_nodes(conn).await {
+                Ok((node_of, conns)) => {
+                    st.node_of = node_of;
+                    st.conns = conns;
+                    st.stale = false;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the cluster's slots failed");
+                    st.stale = true;
+                }
+            }
+        }
+        (!st.stale && !st.conns.is_empty()).then(|| (st.node_of.clone(), st.conns.clone()))
+    }
+
+    /// A write on a node's connection failed: read the slots again.
+    pub async fn mark_stale(&self) {
+        self.state.lock().await.stale = true;
+    }
+}
+
+/// The hash slot of a key's hash tag `tag` (CRC16/XMODEM mod 16384).
+pub fn slot(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for b in tag.bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+async fn read_nodes(
+    conn: &Conn,
+) -> RedisResult<(Vec<usize>, Vec<redis::aio::MultiplexedConnection>)> {
+    let mut c = conn.clone();
+    let slots: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut c)
+        .await?;
+    let bad = || redis::RedisError::from((redis::ErrorKind::Parse, "CLUSTER SLOTS"));
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(ranges) = slots else {
+        return Err(bad());
+    };
+    let mut addrs: Vec<String> = Vec::new();
+    let mut owner: Vec<(i64, i64, usize)> = Vec::new();
+    for range in &ranges {
+        let Value::Array(fields) = range else {
+            return Err(bad());
+        };
+        let (Some(from), Some(to), Some(Value::Array(master))) = (
+            fields.first().and_then(int),
+            fields.get(1).and_then(int),
+            fields.get(2),
+        ) else {
+            return Err(bad());
+        };
+        let (Some(ip), Some(port)) = (master.first().and_then(text), master.get(1).and_then(int))
+        else {
+            return Err(bad());
+        };
+        let addr = format!("{ip}:{port}");
+        let i = match addrs.iter().position(|a| *a == addr) {
+            Some(i) => i,
+            None => {
+                addrs.push(addr);
+                addrs.len() - 1
+            }
+        };
+        owner.push((from, to, i));
+    }
+    let node_of = (0..super::keys::PARTITIONS)
+        .map(|p| {
+            let s = i64::from(slot(&format!("tw:{p}")));
+            owner
+                .iter()
+                .find(|(from, to, _)| (*from..=*to).contains(&s))
+                .map(|(_, _, i)| *i)
+                .ok_or_else(bad)
+        })
+        .collect::<RedisResult<Vec<_>>>()?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let mut conns = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        conns.push(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        );
+    }
+    Ok((node_of, conns))
+}
+
+#[cfg(test)]
+mod slot_tests {
+    #[test]
+    fn slots_are_redis_cluster_s() {
+        // Values from `redis-cli cluster keyslot`.
+        assert_eq!(super::slot("123456789"), 12739);
+        assert_eq!(super::slot("foo"), 12182);
+    }
+}
