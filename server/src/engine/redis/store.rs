@@ -100,8 +100,6 @@ pub struct Store {
     pubsub: Arc<[redis::Client]>,
     /// Whether `conn` is a cluster.
     cluster: bool,
-    /// A cluster's masters by partition (the owner's writes per node).
-    nodes: Arc<conn::Nodes>,
     /// The batcher of writes ([`write_batches`]), started by the first.
     writes: Arc<OnceLock<mpsc::UnboundedSender<WriteReq>>>,
 }
@@ -139,7 +137,6 @@ impl Store {
             conn: target.conn,
             pubsub: target.pubsub.into(),
             cluster: target.cluster,
-            nodes: Default::default(),
             writes: Default::default(),
         })
     }
@@ -502,14 +499,12 @@ impl Store {
         };
         let writer = self.writes.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let nodes = self.cluster.then(|| self.nodes.clone());
-            tokio::spawn(write_batches(self.conn.clone(), nodes, rx));
+            tokio::spawn(write_batches(self.conn.clone(), self.cluster, rx));
             tx
         });
         if let Err(mpsc::error::SendError(req)) = writer.send(req) {
             // The batcher's runtime is gone (a store outliving it): alone.
-            let nodes = self.cluster.then(|| self.nodes.clone());
-            write_batch(self.conn.clone(), nodes, vec![req]).await;
+            write_batch(self.conn.clone(), self.cluster, vec![req]).await;
         }
         outcome.await.unwrap_or_else(|_| {
             Err(StoreError::Redis(redis::RedisError::from((
@@ -733,16 +728,13 @@ impl Store {
 /// Collects writes into batches: the first waits [`WRITE_LINGER`] for
 /// others (at most [`WRITE_BATCH`]), then the batch goes as one pipeline of
 /// plain commands with one published message — on a cluster one pipeline
-/// per node, all at once, then the message ([`write_batch`]). The next batch is collected meanwhile; at most
+/// per partition (a pipeline's keys must share a slot), all at once, then
+/// the message. The next batch is collected meanwhile; at most
 /// [`WRITES_IN_FLIGHT`] batches are in flight, over the same connection(s),
 /// so a task's writes reach Redis in order. The channel is unbounded
 /// because its callers bound it: each is a poll holding a permit of its
 /// backend.
-async fn write_batches(
-    conn: Conn,
-    nodes: Option<Arc<conn::Nodes>>,
-    mut writes: mpsc::UnboundedReceiver<WriteReq>,
-) {
+async fn write_batches(conn: Conn, cluster: bool, mut writes: mpsc::UnboundedReceiver<WriteReq>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
     while let Some(first) = writes.recv().await {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -763,9 +755,8 @@ async fn write_batches(
             return;
         };
         let conn = conn.clone();
-        let nodes = nodes.clone();
         tokio::spawn(async move {
-            write_batch(conn, nodes, batch).await;
+            write_batch(conn, cluster, batch).await;
             drop(permit);
         });
     }
@@ -775,68 +766,40 @@ async fn write_batches(
 const WRITES_IN_FLIGHT: usize = 4;
 
 /// Writes `batch`; the outcome to every writer. One Redis: one pipeline,
-/// the message in it. A cluster (`nodes`): a pipeline per node on that
-/// node's own connection (several slots of one node are fine in a plain
-/// pipeline; the cluster client would refuse them), at once — or, while the
-/// nodes are unknown or a node's pipeline failed, a pipeline per partition
-/// through the cluster client — then one message with the changes of those
-/// written. Every write is idempotent, so a group sent again is harmless.
-async fn write_batch(conn: Conn, nodes: Option<Arc<conn::Nodes>>, batch: Vec<WriteReq>) {
-    let cluster = nodes.is_some();
-    let known = match &nodes {
-        Some(nodes) => nodes.current(&conn).await,
-        None => None,
-    };
-    let mut groups: HashMap<(bool, usize), Vec<WriteReq>> = HashMap::new();
+/// the message in it. A cluster: a pipeline per partition (a cluster
+/// pipeline goes to one node, chosen by its keys), at once, then one
+/// message with the changes of those that were written.
+async fn write_batch(conn: Conn, cluster: bool, batch: Vec<WriteReq>) {
+    let mut parts: HashMap<u16, Vec<WriteReq>> = HashMap::new();
     for req in batch {
-        let group = match (&known, cluster) {
-            (Some((node_of, _)), _) => (
-                true,
-                node_of.get(usize::from(req.part)).copied().unwrap_or(0),
-            ),
-            (None, true) => (false, usize::from(req.part)),
-            (None, false) => (false, 0),
-        };
-        groups.entry(group).or_default().push(req);
+        let group = if cluster { req.part } else { 0 };
+        parts.entry(group).or_default().push(req);
     }
-    let written = futures::future::join_all(groups.into_iter().map(|((by_node, i), reqs)| {
-        let conn = conn.clone();
-        let node = by_node
-            .then(|| known.as_ref().and_then(|(_, conns)| conns.get(i).cloned()))
-            .flatten();
-        let nodes = nodes.clone();
+    let written = futures::future::join_all(parts.into_values().map(|reqs| {
+        let mut conn = conn.clone();
         async move {
-            let (mut pipe, mut events) = pipeline_of(&reqs);
+            let mut pipe = redis::pipe();
+            let mut events = Vec::new();
+            for req in &reqs {
+                pipe.hset_multiple(&req.key, &req.fields).ignore();
+                if let Some((id, live, session_live, retention)) = &req.ends {
+                    pipe.srem(live, id)
+                        .ignore()
+                        .srem(session_live, id)
+                        .ignore()
+                        .expire(&req.key, *retention as i64)
+                        .ignore();
+                }
+                if let Some(event) = &req.event {
+                    events.push(event.clone());
+                }
+            }
             if !cluster && !events.is_empty() {
                 pipe.publish(EVENTS, format!("[{}]", events.join(",")))
                     .ignore();
                 events.clear();
             }
-            let mut outcome: Result<(), redis::RedisError> = match node {
-                Some(mut node) => pipe.query_async(&mut node).await,
-                None => query(&conn, &pipe).await,
-            };
-            if outcome.is_err() && by_node {
-                // A slot moved or the node is gone: the cluster client's
-                // way, a pipeline per partition, and the nodes read again.
-                if let Some(nodes) = &nodes {
-                    nodes.mark_stale().await;
-                }
-                let mut parts: HashMap<u16, Vec<&WriteReq>> = HashMap::new();
-                for req in &reqs {
-                    parts.entry(req.part).or_default().push(req);
-                }
-                outcome = Ok(());
-                for part in parts.values() {
-                    let mut pipe = redis::pipe();
-                    for req in part {
-                        push_write(&mut pipe, req);
-                    }
-                    if let Err(e) = query(&conn, &pipe).await {
-                        outcome = Err(e);
-                    }
-                }
-            }
+            let outcome: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
             (reqs, outcome, events)
         }
     }))
@@ -860,38 +823,6 @@ async fn write_batch(conn: Conn, nodes: Option<Arc<conn::Nodes>>, batch: Vec<Wri
         for req in reqs {
             let _ = req.reply.send(outcome.clone().map_err(StoreError::Redis));
         }
-    }
-}
-
-async fn query(conn: &Conn, pipe: &redis::Pipeline) -> Result<(), redis::RedisError> {
-    let mut conn = conn.clone();
-    pipe.query_async(&mut conn).await
-}
-
-/// The commands of `reqs` in one pipeline, and their events.
-fn pipeline_of(reqs: &[WriteReq]) -> (redis::Pipeline, Vec<String>) {
-    let mut pipe = redis::pipe();
-    let mut events = Vec::new();
-    for req in reqs {
-        push_write(&mut pipe, req);
-        if let Some(event) = &req.event {
-            events.push(event.clone());
-        }
-    }
-    (pipe, events)
-}
-
-/// One write's commands: its fields, and for a final task its way out of
-/// the live sets and its expiry.
-fn push_write(pipe: &mut redis::Pipeline, req: &WriteReq) {
-    pipe.hset_multiple(&req.key, &req.fields).ignore();
-    if let Some((id, live, session_live, retention)) = &req.ends {
-        pipe.srem(live, id)
-            .ignore()
-            .srem(session_live, id)
-            .ignore()
-            .expire(&req.key, *retention as i64)
-            .ignore();
     }
 }
 
