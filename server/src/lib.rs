@@ -99,8 +99,8 @@ pub struct Application {
     state: AppState,
     /// The memory engine's delay queues, one per backend.
     queues: Vec<Queue>,
-    /// The Redis engine's poller, a claim loop per backend (roles `all`
-    /// and `worker`).
+    /// The Redis engine's poller: owns partitions, a delay queue per
+    /// backend (roles `all` and `worker`).
     worker: Option<Worker>,
     /// The Redis engine's change feed (roles `all` and `web`).
     listener: Option<Listener>,

@@ -34,8 +34,6 @@ pub const REDIS_SEQ_GAPS: &str = "taskwire_redis_seq_gaps_total";
 pub const REDIS_RESYNCS: &str = "taskwire_redis_resyncs_total";
 /// Redis engine: calls to Redis that failed, by operation.
 pub const REDIS_ERRORS: &str = "taskwire_redis_errors_total";
-/// Redis engine: saves retried because another writer changed the task first.
-pub const REDIS_CAS_CONFLICTS: &str = "taskwire_redis_cas_conflicts_total";
 /// Server API: requests by API key name and outcome.
 pub const API_REQUESTS: &str = "taskwire_api_requests_total";
 /// Open `/sse` streams.

@@ -260,12 +260,15 @@ impl Owner {
             if self.inboxes.any() {
                 sleep = sleep.min(INBOX_TICK.saturating_sub(inbox_read.elapsed()));
             }
-            for q in &self.queues {
-                if let Some((due, _)) = q.first() {
+            // A backend with every permit in use waits for a poll to end
+            // (`join_next` below), not for its due polls.
+            for (slot, q) in self.queues.iter().enumerate() {
+                let max = self.backends.slot(slot).limits.max_in_flight.max(1);
+                if let (Some((due, _)), true) = (q.first(), self.running[slot] < max) {
                     sleep = sleep.min(Duration::from_millis(due.saturating_sub(now)));
                 }
             }
-            if sleep.is_zero() && !self.is_full() {
+            if sleep.is_zero() {
                 continue;
             }
             tokio::select! {
@@ -303,14 +306,6 @@ impl Owner {
         if let Err(e) = self.store.leave(&self.id).await {
             redis_error("leave", &e);
         }
-    }
-
-    /// Whether every backend with due polls has all its permits in use.
-    fn is_full(&self) -> bool {
-        self.queues.iter().enumerate().all(|(slot, q)| {
-            q.is_empty()
-                || self.running[slot] >= self.backends.slot(slot).limits.max_in_flight.max(1)
-        })
     }
 
     /// One ownership round: heartbeat, then renew, release and take
@@ -583,7 +578,7 @@ impl Owner {
                     Ok(jitter) => jitter,
                     Err(wait) => {
                         // Over the backend's rate cap: later.
-                        entry.due = now_ms + wait.as_millis() as u64;
+                        entry.due = now_ms + (wait.as_millis() as u64).max(1);
                         self.queues[slot].insert((entry.due, id));
                         continue;
                     }
