@@ -292,7 +292,8 @@ impl Owner {
                 },
                 _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(round.elapsed())) => {
                     round = Instant::now();
-                    self.renew_all().await;
+                    // Stopping: keep what is ours until the polls end.
+                    self.renew(|_| false).await;
                 }
             }
         }
@@ -320,29 +321,8 @@ impl Owner {
             Some(i) => p as usize % workers.len() == i,
             None => false,
         };
-        // Renew (or hand back) what is ours, all at once.
-        let owned: Vec<u16> = self.parts.keys().copied().collect();
-        let store = &self.store;
-        let id = &self.id;
-        let answers = futures::future::join_all(owned.iter().map(|&p| async move {
-            let release = !assigned(p);
-            (p, release, store.lease(p, id, LEASE_MS, release).await)
-        }))
-        .await;
-        for (p, release, answer) in answers {
-            match answer {
-                Ok(true) if !release => {
-                    if let Some(part) = self.parts.get_mut(&p) {
-                        part.renewed = Instant::now();
-                    }
-                }
-                Ok(_) => self.drop_part(p),
-                Err(e) => {
-                    redis_error("lease", &e);
-                    self.drop_if_stale(p);
-                }
-            }
-        }
+        // Renew (or hand back) what is ours.
+        self.renew(|p| !assigned(p)).await;
         // Take the free partitions assigned here.
         let wanted: Vec<u16> = (0..PARTITIONS)
             .filter(|p| assigned(*p) && !self.parts.contains_key(p))
@@ -365,17 +345,27 @@ impl Owner {
         Ok(())
     }
 
-    /// Renews every lease (while stopping: no rebalancing).
-    async fn renew_all(&mut self) {
+    /// Renews the lease of every partition owned here, all at once, or
+    /// hands back those `release` names; drops a partition whose lease is
+    /// no longer its, or may run out before the next try.
+    async fn renew(&mut self, release: impl Fn(u16) -> bool) {
         let owned: Vec<u16> = self.parts.keys().copied().collect();
-        for p in owned {
-            match self.store.lease(p, &self.id, LEASE_MS, false).await {
-                Ok(true) => {
+        let store = &self.store;
+        let id = &self.id;
+        let release = &release;
+        let answers = futures::future::join_all(owned.iter().map(|&p| async move {
+            let release = release(p);
+            (p, release, store.lease(p, id, LEASE_MS, release).await)
+        }))
+        .await;
+        for (p, release, answer) in answers {
+            match answer {
+                Ok(true) if !release => {
                     if let Some(part) = self.parts.get_mut(&p) {
                         part.renewed = Instant::now();
                     }
                 }
-                Ok(false) => self.drop_part(p),
+                Ok(_) => self.drop_part(p),
                 Err(e) => {
                     redis_error("lease", &e);
                     self.drop_if_stale(p);
