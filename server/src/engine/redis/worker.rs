@@ -14,8 +14,9 @@
 //! assigned to it, releases the others (after dropping their polls), and
 //! takes the free ones assigned to it (`SET NX PX`). Taking a partition
 //! reads its live tasks from Redis (the live set, then the tasks), each due
-//! within the next [`MAX_SLEEP`] — where the last owner left them is not
-//! kept anywhere but in its memory, so nothing is written per poll for it.
+//! within the next [`TAKEOVER_SPREAD`] — where the last owner left them is
+//! not kept anywhere but in its memory, so nothing is written per poll for
+//! it.
 //!
 //! **New tasks** go into their partition's inbox (`{tw:p}:new`) and wake
 //! the owner (`tw:wake` names the partition); the owner takes them from the
@@ -31,8 +32,8 @@
 //!
 //! **Safety.** A worker whose lease renewal fails, or that finds its lease
 //! taken, drops the partition at once (its polls aborted); without a
-//! renewal for longer than the lease less one round it drops it too, half
-//! a second before the lease can lapse, so no two workers poll or write a
+//! renewal for half a lease ([`DROP_AFTER`]) it drops it too, half a
+//! second before the lease can lapse, so no two workers poll or write a
 //! partition at once as long as a worker is not frozen for longer than that
 //! between deciding to write and writing (a write has no compare-and-set
 //! behind it: that is the price of a poll without a script).
@@ -40,7 +41,7 @@
 //! **Failover.** A killed worker's heartbeat and leases run out within
 //! [`LEASE_MS`]; the next round of another worker (at most [`RENEW_EVERY`]
 //! later) takes its partitions: its tasks are polled again within about
-//! 2 s. A worker stopping cleanly releases its partitions and leaves the
+//! 1.5 s (plus the task service's answer time). A worker stopping cleanly releases its partitions and leaves the
 //! list at once.
 
 use super::keys::{PARTITIONS, WAKE};
@@ -65,9 +66,14 @@ use tokio::time::Instant;
 /// The longest a worker sleeps without looking at its queues.
 pub const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// How long a worker's heartbeat and its partition leases last unrenewed.
-pub const LEASE_MS: u64 = 1_500;
+pub const LEASE_MS: u64 = 1_000;
 /// How often a worker renews its heartbeat and leases and rebalances.
-pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE_MS / 3);
+pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE_MS / 4);
+/// A partition not renewed for this long is dropped: half a lease before
+/// the lease can lapse and another worker take it.
+const DROP_AFTER: Duration = Duration::from_millis(LEASE_MS / 2);
+/// The polls of a partition just taken are spread over this much.
+const TAKEOVER_SPREAD: Duration = Duration::from_millis(100);
 /// Tasks read per round trip when a partition is taken.
 const READ_BATCH: usize = 256;
 /// The shortest time between two reads of the inboxes: new tasks wait at
@@ -76,7 +82,7 @@ const INBOX_TICK: Duration = Duration::from_millis(5);
 /// Every this many rounds (30 s) the owner compares each partition's live
 /// set with its memory and reads what it misses (a new task whose inbox
 /// entry was lost).
-const SWEEP_EVERY_ROUNDS: u64 = 60;
+const SWEEP_EVERY_ROUNDS: u64 = 120;
 
 /// The worker role's poller.
 pub struct Worker {
@@ -376,7 +382,7 @@ impl Owner {
 
     /// Drops `p` if its lease may run out before the next renewal.
     fn drop_if_stale(&mut self, p: u16) {
-        let limit = Duration::from_millis(LEASE_MS).saturating_sub(RENEW_EVERY);
+        let limit = DROP_AFTER;
         if self
             .parts
             .get(&p)
@@ -412,12 +418,14 @@ impl Owner {
     }
 
     /// Reads a partition just taken: its live tasks, due within the next
-    /// [`MAX_SLEEP`] (spread, so a takeover is no burst).
+    /// [`TAKEOVER_SPREAD`] (spread a little; the backends' permits and rate
+    /// caps bound the burst) — after a worker died, they have waited long
+    /// enough.
     async fn load_part(&mut self, p: u16, now_ms: u64) -> Result<(), StoreError> {
         // The live set has every task the inbox could name.
         self.store.clear_new(p).await?;
         let ids = self.store.live_ids(p).await?;
-        let spread = MAX_SLEEP.as_millis() as u64;
+        let spread = TAKEOVER_SPREAD.as_millis() as u64;
         for chunk in ids.chunks(READ_BATCH) {
             let read = self.store.read(p, chunk).await?;
             for (i, (id, stored)) in chunk.iter().zip(read).enumerate() {
