@@ -8,36 +8,83 @@ use std::time::{Duration, Instant};
 /// append-only file is written on every change, so a restart (even after
 /// SIGKILL) finds every task where it was.
 pub struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
+    node: Node,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("taskwire-redis-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a temp dir");
-        let mut r = RedisServer {
-            child: None,
-            port,
-            dir,
-        };
-        r.restart();
-        r
+        RedisServer {
+            node: Node::start("redis", free_port(), &[]),
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://127.0.0.1:{}/", self.node.port)
     }
 
     pub fn restart(&mut self) {
-        self.child = Some(spawn_redis(self.port, &self.dir, &[]));
+        self.node.restart();
     }
 
     pub fn kill(&mut self) {
+        self.node.kill();
+    }
+}
+
+/// One `redis-server` of the tests' (a server, or a cluster's node) on
+/// `port`, its append-only file (written on every change) in a directory
+/// of its own; killed, and the directory removed, on drop.
+struct Node {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    flags: &'static [&'static str],
+}
+
+impl Node {
+    fn start(kind: &str, port: u16, flags: &'static [&'static str]) -> Node {
+        let dir =
+            std::env::temp_dir().join(format!("taskwire-{kind}-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let mut node = Node {
+            child: None,
+            port,
+            dir,
+            flags,
+        };
+        node.restart();
+        node
+    }
+
+    /// Starts it (again); returns once it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(self.flags)
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server runs (the README's test command installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -45,7 +92,7 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
+impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -122,53 +169,26 @@ impl TestRedis for RedisServer {
 /// made by `redis-cli --cluster create`, as an operator would; killed on
 /// drop.
 pub struct RedisCluster {
-    nodes: Vec<ClusterNode>,
+    nodes: Vec<Node>,
 }
 
-struct ClusterNode {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl ClusterNode {
-    fn start(&mut self) {
-        let cluster = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-node-timeout",
-            "2000",
-            "--cluster-config-file",
-            "nodes.conf",
-        ];
-        self.child = Some(spawn_redis(self.port, &self.dir, &cluster));
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// A cluster node's flags beside [`Node`]'s own.
+const CLUSTER_NODE: &[&str] = &[
+    "--cluster-enabled",
+    "yes",
+    "--cluster-node-timeout",
+    "2000",
+    "--cluster-config-file",
+    "nodes.conf",
+];
 
 #[allow(dead_code)]
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let mut nodes: Vec<ClusterNode> = Vec::new();
+        let mut nodes: Vec<Node> = Vec::new();
         for _ in 0..3 {
             let port = free_cluster_port(&nodes.iter().map(|n| n.port).collect::<Vec<_>>());
-            let dir = std::env::temp_dir()
-                .join(format!("taskwire-cluster-{}-{port}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("a temp dir");
-            let mut node = ClusterNode {
-                child: None,
-                port,
-                dir,
-            };
-            node.start();
-            nodes.push(node);
+            nodes.push(Node::start("cluster", port, CLUSTER_NODE));
         }
         let cluster = RedisCluster { nodes };
         let addrs: Vec<String> = cluster
@@ -226,50 +246,12 @@ impl TestRedis for RedisCluster {
             .collect()
     }
     fn kill(&mut self) {
-        self.nodes.iter_mut().for_each(ClusterNode::kill);
+        self.nodes.iter_mut().for_each(Node::kill);
     }
     fn restart(&mut self) {
-        self.nodes.iter_mut().for_each(ClusterNode::start);
+        self.nodes.iter_mut().for_each(Node::restart);
         self.wait_ok();
     }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for n in &mut self.nodes {
-            n.kill();
-            let _ = std::fs::remove_dir_all(&n.dir);
-        }
-    }
-}
-
-/// A `redis-server` on `port` keeping its append-only file (written on
-/// every change) in `dir`, with `extra` flags; returns once it accepts
-/// connections.
-fn spawn_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(extra)
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("redis-server runs (the README's test command installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
 /// A free port whose cluster bus port (+10000) is free too, not in `taken`.

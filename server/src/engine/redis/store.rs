@@ -538,14 +538,9 @@ impl Store {
 
     /// Takes up to `max` cancels from the partition's cancel inbox.
     pub async fn take_cancels(&self, part: u16, max: usize) -> Result<Vec<CancelReq>, StoreError> {
-        let mut c = self.conn.clone();
-        let raw: Option<Vec<String>> = redis::cmd("LPOP")
-            .arg(keys::cancels(part))
-            .arg(max)
-            .query_async(&mut c)
-            .await?;
-        Ok(raw
-            .unwrap_or_default()
+        Ok(self
+            .lpop(&keys::cancels(part), max)
+            .await?
             .iter()
             .filter_map(|r| match from_json::<CancelReq>(r) {
                 Ok(req) => Some(req),
@@ -650,13 +645,18 @@ impl Store {
 
     /// Takes up to `max` ids from the partition's inbox of new tasks.
     pub async fn take_new(&self, part: u16, max: usize) -> Result<Vec<String>, StoreError> {
+        self.lpop(&keys::inbox(part), max).await
+    }
+
+    /// Takes up to `max` entries from the head of list `key`.
+    async fn lpop(&self, key: &str, max: usize) -> Result<Vec<String>, StoreError> {
         let mut c = self.conn.clone();
-        let ids: Option<Vec<String>> = redis::cmd("LPOP")
-            .arg(keys::inbox(part))
+        let taken: Option<Vec<String>> = redis::cmd("LPOP")
+            .arg(key)
             .arg(max)
             .query_async(&mut c)
             .await?;
-        Ok(ids.unwrap_or_default())
+        Ok(taken.unwrap_or_default())
     }
 
     /// Empties the partition's inbox (its new owner reads the live set).
