@@ -365,9 +365,11 @@ fn build_backends(
                 timeout,
                 usize::try_from(t.max_concurrent_polls).unwrap_or(usize::MAX),
                 clock,
-            )?,
+            )?
+            .with_pipeline(t),
             AdapterSpec::Http(http) => Backend::declarative(&spec.name, http, timeout, clock)
-                .map_err(|e| StartupError::Config(format!("backend `{}`: {e}", spec.name)))?,
+                .map_err(|e| StartupError::Config(format!("backend `{}`: {e}", spec.name)))?
+                .with_pipeline(t),
             AdapterSpec::Celery {
                 broker,
                 result_backend,

@@ -23,6 +23,11 @@ pub const BACKEND_ERRORS: &str = "taskwire_backend_errors_total";
 pub const WS_CONNECTIONS: &str = "taskwire_ws_connections";
 pub const MESSAGES_SENT: &str = "taskwire_messages_sent_total";
 pub const UPDATES_COALESCED: &str = "taskwire_updates_coalesced_total";
+/// Pipelined task-service requests (`pipeline_depth`), labelled `service`
+/// (`host:port`).
+pub const PIPELINED_REQUESTS: &str = "taskwire_pipelined_requests_total";
+/// Writes that carried them (requests ÷ batches: the mean batch).
+pub const PIPELINED_BATCHES: &str = "taskwire_pipelined_batches_total";
 /// Redis engine: polls waiting in a worker's delay queue of a backend (the
 /// tasks of the partitions it owns); labelled `backend`.
 pub const REDIS_QUEUE_DEPTH: &str = "taskwire_redis_queue_depth";
@@ -92,6 +97,14 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Entries in the delay queue");
     describe_gauge!(POLLS_IN_FLIGHT, "Polls waiting on the task service");
     describe_counter!(BACKEND_ERRORS, "Failed task-service requests, by kind");
+    describe_counter!(
+        PIPELINED_REQUESTS,
+        "Task-service requests sent pipelined, by service"
+    );
+    describe_counter!(
+        PIPELINED_BATCHES,
+        "Writes of pipelined requests (one or more each), by service"
+    );
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
     describe_counter!(MESSAGES_SENT, "Frames written to WebSocket clients");
     describe_counter!(

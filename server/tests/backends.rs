@@ -47,6 +47,7 @@ fn spec(name: &str, adapter: AdapterSpec, interval_ms: u64, permits: u64) -> Bac
             max_polls_per_s: 0,
             timeout_ms: 5_000,
             give_up_s: 300,
+            pipeline_depth: 0,
         },
     }
 }
@@ -245,4 +246,87 @@ fn a_bad_config_file_stops_the_start_naming_key_and_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 5") && err.contains("missing"), "{err}");
     let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn pipelined_polls_against_the_simulator_reach_every_final_state() {
+    // The simulator as its own process; polls pipelined 4 per connection.
+    let sim = common::SimProcess::start();
+    let mut config = Config::for_tests();
+    let mut backend = spec(
+        "sim",
+        AdapterSpec::Taskwire {
+            url: sim.url.clone(),
+        },
+        50,
+        64,
+    );
+    backend.tuning.pipeline_depth = 4;
+    config.backends = vec![backend];
+    config.kinds = vec![kind("simulate", 0, "simulate")];
+    config.limits.max_starts_per_min = 1000;
+    config.limits.max_live_tasks_per_session = 1000;
+    let app = TestApp::spawn(config).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(app.client().await);
+    }
+    for (c, client) in clients.iter_mut().enumerate() {
+        let mut seen = std::collections::BTreeMap::new();
+        for i in 0..10 {
+            let t = client
+                .start(
+                    &format!("c{c}t{i}"),
+                    json!({"duration_ms": 1_000, "steps": 10}),
+                )
+                .await;
+            seen.insert(t.id, vec![t.done]);
+        }
+        let mut finals = 0;
+        while finals < seen.len() {
+            let ServerMsg::Task { task } = client.recv().await else {
+                continue;
+            };
+            let Some(done) = seen.get_mut(&task.id) else {
+                continue;
+            };
+            done.push(task.done);
+            if task.state.is_final() {
+                assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
+                assert_eq!(task.done, 10, "{task:?}");
+                finals += 1;
+            }
+        }
+        // Answers came back to the right task: progress never goes back.
+        for (id, done) in &seen {
+            assert!(done.windows(2).all(|w| w[0] <= w[1]), "{id}: {done:?}");
+        }
+    }
+    // Polls really went pipelined: fewer writes than requests.
+    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let read = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(&sim.addr.to_string()))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (requests, batches) = (
+        read("taskwire_pipelined_requests_total"),
+        read("taskwire_pipelined_batches_total"),
+    );
+    assert!(
+        requests >= 30.0 * 10.0,
+        "{requests} pipelined requests\n{metrics}"
+    );
+    assert!(
+        batches < requests,
+        "{batches} batches for {requests} requests"
+    );
+    app.stop().await;
 }

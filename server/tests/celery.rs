@@ -571,6 +571,7 @@ async fn a_celery_kind_runs_to_100_percent_through_taskwire() {
             max_polls_per_s: 0,
             timeout_ms: 2_000,
             give_up_s: 60,
+            pipeline_depth: 0,
         },
     }];
     let params = serde_json::from_value(json!({

@@ -193,6 +193,7 @@ fn spec(name: &str, adapter: AdapterSpec) -> BackendSpec {
             max_polls_per_s: 0,
             timeout_ms: 5_000,
             give_up_s: 300,
+            pipeline_depth: 0,
         },
     }
 }

@@ -5,6 +5,7 @@
 //! parsed the URL, ran IDNA and walked its pool layers on every poll; this
 //! costs a fraction of that.
 
+use super::pipeline::Pipeline;
 use super::tls::TlsConnector;
 use super::BackendError;
 use bytes::Bytes;
@@ -28,9 +29,14 @@ const DEFAULT_MAX_IDLE: usize = 512;
 /// many connections at once, and steady polling reuses only the few most
 /// recently used ones (the stack is last in, first out), so the rest would
 /// otherwise stay open, each with hyper's buffers and its task, for good.
-const IDLE_EXPIRY: Duration = Duration::from_secs(5);
+pub(crate) const IDLE_EXPIRY: Duration = Duration::from_secs(5);
 /// Longest body read from the task service.
-const MAX_BODY_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A connection to the service, plain or TLS.
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+pub(crate) type Stream = Box<dyn Io>;
 
 pub(crate) struct Client {
     /// `host:port` to connect to, and the `Host` header.
@@ -45,9 +51,12 @@ pub(crate) struct Client {
     /// last (reused from the back, expired from the front).
     idle: Mutex<VecDeque<(SendRequest<Full<Bytes>>, Instant)>>,
     max_idle: usize,
+    /// `GET`s pipelined ([`Client::with_pipeline`]), else none.
+    pipeline: Option<Pipeline>,
 }
 
 /// An answer: status, `Retry-After` (seconds) if any, body.
+#[derive(Debug)]
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
     pub(crate) retry_after: Option<u64>,
@@ -114,7 +123,23 @@ impl Client {
             tls,
             idle: Mutex::new(VecDeque::new()),
             max_idle: DEFAULT_MAX_IDLE,
+            pipeline: None,
         })
+    }
+
+    /// Sends the `GET`s without a body pipelined, up to `depth` on one
+    /// connection at a time and over at most `max_in_flight / depth`
+    /// connections (rounded up); `depth` below 2 leaves pipelining off.
+    pub(crate) fn set_pipeline(&mut self, depth: usize, max_in_flight: usize) {
+        self.pipeline = (depth >= 2).then(|| {
+            Pipeline::new(
+                self.authority.clone(),
+                self.tls.clone(),
+                depth,
+                max_in_flight.div_ceil(depth),
+                self.timeout,
+            )
+        });
     }
 
     /// Keeps at most `max_idle` idle connections (at least one).
@@ -136,6 +161,14 @@ impl Client {
         headers: &[(HeaderName, HeaderValue)],
         body: Option<Bytes>,
     ) -> Result<Answer, BackendError> {
+        if let Some(pipeline) = &self.pipeline {
+            if method == Method::GET && body.is_none() {
+                let head = self.head(path_and_query, headers);
+                return tokio::time::timeout(self.timeout, pipeline.request(head))
+                    .await
+                    .unwrap_or_else(|_| Err(BackendError::unavailable("timeout", "timed out")));
+            }
+        }
         let attempt = async {
             let retry_safe = method != Method::POST;
             let (conn, reused) = match self.checkout() {
@@ -157,6 +190,24 @@ impl Client {
         tokio::time::timeout(self.timeout, attempt)
             .await
             .unwrap_or_else(|_| Err(BackendError::unavailable("timeout", "timed out")))
+    }
+
+    /// A bodiless `GET`'s request head, as hyper would write it.
+    fn head(&self, path_and_query: &str, headers: &[(HeaderName, HeaderValue)]) -> Bytes {
+        let mut head = Vec::with_capacity(64 + path_and_query.len());
+        head.extend_from_slice(b"GET ");
+        head.extend_from_slice(path_and_query.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(self.authority.as_bytes());
+        head.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        Bytes::from(head)
     }
 
     fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
@@ -190,25 +241,7 @@ impl Client {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, BackendError> {
-        let stream = TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => {
-                    BackendError::unavailable("refused", "connection refused")
-                }
-                _ => BackendError::unavailable("connect", format!("cannot connect: {e}")),
-            })?;
-        let _ = stream.set_nodelay(true);
-        match &self.tls {
-            None => handshake(stream).await,
-            Some((connector, name)) => {
-                let stream = connector
-                    .connect(name.clone(), stream)
-                    .await
-                    .map_err(|e| BackendError::unavailable("tls", format!("TLS: {e}")))?;
-                handshake(stream).await
-            }
-        }
+        handshake(open(&self.authority, self.tls.as_ref()).await?).await
     }
 
     async fn send(
@@ -270,6 +303,33 @@ fn expire<T>(idle: &mut VecDeque<(T, Instant)>, now: Instant) {
         .is_some_and(|(_, since)| now.saturating_duration_since(*since) > IDLE_EXPIRY)
     {
         idle.pop_front();
+    }
+}
+
+/// A connection to `authority` (`host:port`), over TLS when `tls` names
+/// the connector and the certificate's name.
+pub(crate) async fn open(
+    authority: &str,
+    tls: Option<&(TlsConnector, ServerName<'static>)>,
+) -> Result<Stream, BackendError> {
+    let stream = TcpStream::connect(authority)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                BackendError::unavailable("refused", "connection refused")
+            }
+            _ => BackendError::unavailable("connect", format!("cannot connect: {e}")),
+        })?;
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => Ok(Box::new(stream)),
+        Some((connector, name)) => {
+            let stream = connector
+                .connect(name.clone(), stream)
+                .await
+                .map_err(|e| BackendError::unavailable("tls", format!("TLS: {e}")))?;
+            Ok(Box::new(stream))
+        }
     }
 }
 

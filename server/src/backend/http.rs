@@ -24,6 +24,14 @@ impl HttpBackend {
         })
     }
 
+    /// Its polls pipelined ([`Client::set_pipeline`]); before any clone.
+    pub fn with_pipeline(mut self, depth: usize, max_in_flight: usize) -> Self {
+        if let Some(client) = Arc::get_mut(&mut self.inner) {
+            client.set_pipeline(depth, max_in_flight);
+        }
+        self
+    }
+
     pub async fn start(
         &self,
         kind: &str,

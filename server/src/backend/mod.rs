@@ -11,6 +11,7 @@ pub(crate) mod client;
 pub mod declarative;
 mod embedded;
 mod http;
+mod pipeline;
 pub mod time;
 pub(crate) mod tls;
 
@@ -154,6 +155,20 @@ impl Backend {
             clock,
             health: Arc::default(),
         })
+    }
+
+    /// The polls of an HTTP backend pipelined, `tuning.pipeline_depth` per
+    /// connection at a time (below 2: not), over as many connections as
+    /// its `max_concurrent_polls` needs; no change to other adapters.
+    pub fn with_pipeline(mut self, tuning: &crate::config::file::Tuning) -> Self {
+        let depth = usize::try_from(tuning.pipeline_depth).unwrap_or(usize::MAX);
+        let in_flight = usize::try_from(tuning.max_concurrent_polls).unwrap_or(usize::MAX);
+        self.adapter = match self.adapter {
+            Adapter::Http(b) => Adapter::Http(b.with_pipeline(depth, in_flight)),
+            Adapter::Declarative(b) => Adapter::Declarative(b.with_pipeline(depth, in_flight)),
+            other => other,
+        };
+        self
     }
 
     /// Any JSON job API, described by `spec` (docs/http-adapter.md); a

@@ -81,6 +81,9 @@ pub struct ServerKeys {
     pub site_root: Option<String>,
 }
 
+/// Most requests one pipelined connection carries at a time.
+pub const MAX_PIPELINE_DEPTH: u64 = 64;
+
 /// One `[[backend]]` as written: the keys every adapter has, and the rest
 /// (the adapter's own), checked per adapter.
 #[derive(Debug, Deserialize)]
@@ -94,6 +97,7 @@ pub struct RawBackend {
     pub max_polls_per_s: Option<u64>,
     pub timeout_ms: Option<u64>,
     pub give_up_s: Option<u64>,
+    pub pipeline_depth: Option<u64>,
     #[serde(flatten)]
     pub rest: toml::Table,
 }
@@ -177,6 +181,9 @@ pub struct Tuning {
     pub max_polls_per_s: u64,
     pub timeout_ms: u64,
     pub give_up_s: u64,
+    /// `GET` polls sent pipelined, this many per connection at a time
+    /// (HTTP/1.1 pipelining; 0: off). The `taskwire` and `http` adapters.
+    pub pipeline_depth: u64,
 }
 
 /// The file, parsed: its server keys, backends and kinds.
@@ -437,6 +444,28 @@ fn backend(
     if max_concurrent_polls == 0 {
         return Err("max_concurrent_polls: must be at least 1".into());
     }
+    let pipeline_depth = match (&adapter, b.pipeline_depth) {
+        (_, None) => match adapter {
+            AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_) => d.pipeline_depth,
+            _ => 0,
+        },
+        (AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_), Some(n))
+            if n <= MAX_PIPELINE_DEPTH =>
+        {
+            n
+        }
+        (AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_), Some(_)) => {
+            return Err(format!(
+                "pipeline_depth: must be from 0 to {MAX_PIPELINE_DEPTH}"
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(format!(
+                "pipeline_depth: the {} adapter does not speak HTTP to its backend",
+                adapter.name()
+            ))
+        }
+    };
     let timeout_ms = b.timeout_ms.unwrap_or(d.timeout_ms);
     if timeout_ms == 0 {
         return Err("timeout_ms: must be at least 1".into());
@@ -452,6 +481,7 @@ fn backend(
             max_polls_per_s: b.max_polls_per_s.unwrap_or(d.max_polls_per_s),
             timeout_ms,
             give_up_s: b.give_up_s.unwrap_or(d.give_up_s),
+            pipeline_depth,
         },
     })
 }
@@ -538,6 +568,7 @@ mod tests {
             max_polls_per_s: 50_000,
             timeout_ms: 5_000,
             give_up_s: 300,
+            pipeline_depth: 0,
         }
     }
 
@@ -671,6 +702,26 @@ timeout_ms = 1000
             Ok(_) => panic!("{text} parsed"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn pipeline_depth_is_for_the_http_adapters_only() {
+        let text = "[[backend]]\nname = \"a\"\nadapter = \"taskwire\"\nurl = \"http://x:1\"\npipeline_depth = 8\n[[backend]]\nname = \"b\"\nadapter = \"embedded\"\n";
+        let mut d = defaults();
+        d.pipeline_depth = 4;
+        let loaded = parse(text, &d, &env).unwrap();
+        assert_eq!(loaded.backends[0].tuning.pipeline_depth, 8);
+        assert_eq!(
+            loaded.backends[1].tuning.pipeline_depth, 0,
+            "the flag's default is for HTTP backends"
+        );
+        let e = err("[[backend]]\nname = \"a\"\nadapter = \"embedded\"\npipeline_depth = 2\n");
+        assert!(
+            e.contains("pipeline_depth") && e.contains("embedded"),
+            "{e}"
+        );
+        let e = err("[[backend]]\nname = \"a\"\nadapter = \"taskwire\"\nurl = \"http://x:1\"\npipeline_depth = 65\n");
+        assert!(e.contains("pipeline_depth") && e.contains("64"), "{e}");
     }
 
     #[test]

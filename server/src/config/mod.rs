@@ -188,6 +188,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub backend_timeout_ms: u64,
 
+    /// HTTP/1.1 pipelining of the polls to an HTTP task service: up to this
+    /// many `GET`s written at once on one keep-alive connection, their
+    /// answers read in order (0: off, one request per connection at a
+    /// time). Only for a service that handles pipelined requests.
+    #[arg(long, env = "TASKWIRE_PIPELINE_DEPTH", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=file::MAX_PIPELINE_DEPTH))]
+    pub pipeline_depth: u64,
+
     /// A task whose task service stays unreachable this long turns `failed`.
     #[arg(long, env = "TASKWIRE_BACKEND_GIVE_UP_S", default_value_t = 300)]
     pub backend_give_up_s: u64,
@@ -342,6 +350,7 @@ impl Config {
             max_polls_per_s: self.max_polls_per_s,
             timeout_ms: self.backend_timeout_ms,
             give_up_s: self.backend_give_up_s,
+            pipeline_depth: self.pipeline_depth,
         }
     }
 

@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,11 @@ pub async fn serve(
             },
         ))
     };
+    // No Nagle delay: answers to pipelined requests are written one by
+    // one, and the second must not wait for the client's ACK of the first.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

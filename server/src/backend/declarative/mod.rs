@@ -65,6 +65,14 @@ impl DeclarativeBackend {
         })
     }
 
+    /// Its `GET`s pipelined ([`Client::set_pipeline`]); before any clone.
+    pub fn with_pipeline(mut self, depth: usize, max_in_flight: usize) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.client.set_pipeline(depth, max_in_flight);
+        }
+        self
+    }
+
     /// The name messages use (the `[[backend]]` table's `name`).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
