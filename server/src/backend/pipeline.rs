@@ -119,17 +119,26 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Queues `job`. A waiting connection is woken when the queue was
+    /// empty (the jobs queued after it, before it runs, go in its batch);
+    /// with none waiting, a new one is opened only when more wait than the
+    /// busy ones take in their next batches. So a burst of polls fills a
+    /// few connections' batches rather than spreading one request over
+    /// each of many.
     fn submit(self: &Arc<Self>, job: Job) {
         let mut st = self.lock();
         st.queue.push_back(job);
-        let open = st.waiting == 0 && st.conns < self.max_conns;
+        let open = st.waiting == 0
+            && st.conns < self.max_conns
+            && st.queue.len() > st.conns.saturating_mul(self.depth);
         if open {
             st.conns += 1;
         }
+        let wake = st.waiting > 0 && st.queue.len() == 1;
         drop(st);
         if open {
             tokio::spawn(run(self.clone()));
-        } else {
+        } else if wake {
             self.work.notify_one();
         }
     }
@@ -160,8 +169,9 @@ impl Shared {
                     }
                 }
                 if !batch.is_empty() {
-                    // Leave the wake-up to another connection if more wait.
-                    if !st.queue.is_empty() && st.waiting > 0 {
+                    // Another full batch waits: wake a connection for it
+                    // (less than that waits for the next one free).
+                    if st.queue.len() >= self.depth && st.waiting > 0 {
                         self.work.notify_one();
                     }
                     return true;
@@ -171,6 +181,8 @@ impl Shared {
             let woken = tokio::time::timeout(IDLE_EXPIRY, self.work.notified())
                 .await
                 .is_ok();
+            // Let the polls woken together with the first one queue theirs.
+            tokio::task::yield_now().await;
             let mut st = self.lock();
             st.waiting -= 1;
             if !woken && st.queue.is_empty() {

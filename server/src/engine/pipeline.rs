@@ -111,15 +111,16 @@ pub trait TaskStore {
 }
 
 /// Where the task goes after a step that decided `decision` was committed
-/// (into `tracked`) at `now_ms`.
+/// (into `tracked`) at `now_ms`; `phase` as [`Decision::next_due`]'s.
 pub fn next_due(
     decision: Decision,
     tracked: &Tracked,
     due_ms: Option<u64>,
     now_ms: u64,
+    phase: Option<u64>,
 ) -> NextDue {
     match due_ms {
-        Some(due_ms) => decision.next_due(due_ms, now_ms),
+        Some(due_ms) => decision.next_due(due_ms, now_ms, phase),
         None if tracked.task.state.is_final() => NextDue::Final,
         None => NextDue::Keep,
     }

@@ -34,12 +34,17 @@ pub const PARTITIONS: u16 = 64;
 
 /// The partition of a session token or task id: FNV-1a of it.
 pub fn partition(s: &str) -> u16 {
+    (hash32(s) % u32::from(PARTITIONS)) as u16
+}
+
+/// FNV-1a of `s`: the same on every process and every version.
+pub fn hash32(s: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in s.bytes() {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    (h % u32::from(PARTITIONS)) as u16
+    h
 }
 
 /// Random bytes in a session token (128 bits).

@@ -59,10 +59,30 @@ impl Decision {
     /// `due_ms` and answered at `now_ms`. Fixed cadence ticks from the due
     /// time, so a slow answer does not push every later tick back; a missed
     /// tick is due at once, never twice.
-    pub fn next_due(self, due_ms: u64, now_ms: u64) -> NextDue {
+    ///
+    /// `phase`: the tick moves to the nearest instant that is `phase`
+    /// modulo the interval (at most half an interval sooner or later, once:
+    /// then it stays there), so tasks given the same phase (a session's)
+    /// are due at the same instants: their polls go out together and their
+    /// updates reach the client in one write.
+    pub fn next_due(self, due_ms: u64, now_ms: u64, phase: Option<u64>) -> NextDue {
         match self {
             Decision::Poll(d) => NextDue::At(now_ms + d.as_millis() as u64),
-            Decision::Tick(i) => NextDue::At((due_ms + i.as_millis() as u64).max(now_ms)),
+            Decision::Tick(i) => {
+                let i = i.as_millis() as u64;
+                let mut at = due_ms + i;
+                if let (Some(phase), true) = (phase, i > 0) {
+                    // How far `at` is past its phase: back that much, or on
+                    // to the next, whichever is nearer.
+                    let past = (at + i - phase % i) % i;
+                    at = if past <= i / 2 {
+                        at - past
+                    } else {
+                        at + (i - past)
+                    };
+                }
+                NextDue::At(at.max(now_ms))
+            }
             Decision::Expire(_) | Decision::GiveUp | Decision::Drop => NextDue::Final,
         }
     }
@@ -169,15 +189,39 @@ mod tests {
     #[test]
     fn the_next_due_rule_ticks_from_the_due_time() {
         let tick = Decision::Tick(Duration::from_millis(500));
-        assert_eq!(tick.next_due(1_000, 1_100), NextDue::At(1_500));
+        assert_eq!(tick.next_due(1_000, 1_100, None), NextDue::At(1_500));
         // Answered after the next tick was due: at once, not twice.
-        assert_eq!(tick.next_due(1_000, 2_300), NextDue::At(2_300));
+        assert_eq!(tick.next_due(1_000, 2_300, None), NextDue::At(2_300));
         let poll = Decision::Poll(Duration::from_millis(200));
-        assert_eq!(poll.next_due(1_000, 1_100), NextDue::At(1_300));
+        assert_eq!(poll.next_due(1_000, 1_100, Some(7)), NextDue::At(1_300));
         assert_eq!(
-            Decision::Expire(Duration::ZERO).next_due(0, 5),
+            Decision::Expire(Duration::ZERO).next_due(0, 5, None),
             NextDue::Final
         );
+    }
+
+    #[test]
+    fn a_phase_moves_a_tick_once_to_the_nearest_instant_of_the_phase() {
+        let tick = Decision::Tick(Duration::from_millis(500));
+        // 1_500 is 0 past phase 0: stays; then every 500.
+        assert_eq!(tick.next_due(1_000, 1_010, Some(0)), NextDue::At(1_500));
+        // Phase 100 (≡ 600): 1_500 is 400 past 1_100, 100 before 1_600.
+        assert_eq!(tick.next_due(1_000, 1_010, Some(600)), NextDue::At(1_600));
+        // Phase 300: 1_500 is 200 past 1_300: back to it.
+        assert_eq!(tick.next_due(1_000, 1_010, Some(300)), NextDue::At(1_300));
+        // Once on the phase, a tick is the interval.
+        assert_eq!(tick.next_due(1_300, 1_310, Some(300)), NextDue::At(1_800));
+        // Never before now.
+        assert_eq!(tick.next_due(1_000, 1_400, Some(300)), NextDue::At(1_400));
+        // Two tasks of one phase started apart end up due together.
+        let (a, b) = (
+            tick.next_due(10_020, 10_030, Some(42)),
+            tick.next_due(10_390, 10_400, Some(42)),
+        );
+        let (NextDue::At(a), NextDue::At(b)) = (a, b) else {
+            panic!("{a:?} {b:?}")
+        };
+        assert_eq!((a % 500, b % 500), (42, 42));
     }
 
     #[test]

@@ -332,7 +332,12 @@ async fn write_loop(mut sink: Sink, conn: Arc<Conn>, clock: Clock, limits: Clien
             }
             Next::Empty => {
                 tokio::select! {
-                    _ = outbox.notified() => {}
+                    _ = outbox.notified() => {
+                        // Let the polls woken with the one that woke us
+                        // (a session's tasks are due together) add their
+                        // frames first: one write for them all.
+                        tokio::task::yield_now().await;
+                    }
                     _ = tokio::time::sleep_until(next_ping) => {
                         let silent_ms = clock
                             .now_ms()

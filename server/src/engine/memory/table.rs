@@ -330,7 +330,10 @@ impl Table {
                 self.finals.reached(&t.tr.task);
             }
         }
-        let next = next_due(outcome.decision, &t.tr, due_ms, now_ms);
+        // A session's tasks share a phase: polled together, their updates
+        // go to the client in one write (fixed cadence).
+        let phase = u64::from(crate::task::id::hash32(&t.session));
+        let next = next_due(outcome.decision, &t.tr, due_ms, now_ms, Some(phase));
         if let (true, Some(dirty)) = (changed, s.dirty.as_mut()) {
             if let Some((id, _)) = s.tasks.get_key_value(task_id) {
                 dirty.insert(id.clone());

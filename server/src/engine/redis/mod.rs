@@ -130,7 +130,7 @@ impl RedisEngine {
         if let Some(next) = outcome.next {
             stored.tracked.commit(next);
         }
-        let next = next_due(outcome.decision, &stored.tracked, due_ms, now);
+        let next = next_due(outcome.decision, &stored.tracked, due_ms, now, None);
         let track_changed = stored.tracked.track != loaded_track;
         self.store
             .write(&stored, changed, track_changed, self.retention_s)
