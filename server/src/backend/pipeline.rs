@@ -255,12 +255,16 @@ async fn run(shared: Arc<Shared>) {
         }
         shared.batches.increment(1);
         shared.requests.increment(batch.len() as u64);
+        // The answers are handed over once the batch is read (or cut), all
+        // at once: the polls they wake run together, so updates bound for
+        // one client (a session's tasks are due together) leave in one write.
+        let mut answered = Vec::with_capacity(batch.len());
         let exchange = async {
             io.write_all(&out).await.map_err(|e| (true, io_error(&e)))?;
             while !batch.is_empty() {
                 let (answer, keep_alive) = read_answer(io, &mut buf).await?;
                 if let Some(job) = batch.pop_front() {
-                    let _ = job.reply.send(Ok(answer));
+                    answered.push((job, answer));
                 }
                 if !keep_alive {
                     return Err((
@@ -271,7 +275,11 @@ async fn run(shared: Arc<Shared>) {
             }
             Ok(())
         };
-        match tokio::time::timeout(shared.timeout, exchange).await {
+        let result = tokio::time::timeout(shared.timeout, exchange).await;
+        for (job, answer) in answered {
+            let _ = job.reply.send(Ok(answer));
+        }
+        match result {
             Ok(Ok(())) => {}
             Ok(Err((untouched, e))) => {
                 settle(&shared, &mut batch, untouched, &e);
