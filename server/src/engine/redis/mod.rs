@@ -130,7 +130,13 @@ impl RedisEngine {
         if let Some(next) = outcome.next {
             stored.tracked.commit(next);
         }
-        let next = next_due(outcome.decision, &stored.tracked, due_ms, now, None);
+        let next = next_due(
+            outcome.decision,
+            &stored.tracked,
+            due_ms,
+            now,
+            Some(u64::from(crate::task::id::hash32(&stored.session))),
+        );
         let track_changed = stored.tracked.track != loaded_track;
         self.store
             .write(&stored, changed, track_changed, self.retention_s)
