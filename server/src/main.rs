@@ -7,7 +7,32 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    serve()
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = match Cli::load() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("taskwire: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    // The simulator keeps tokio's default (one thread per core, or
+    // `TOKIO_WORKER_THREADS`).
+    if let (None, n @ 1..) = (&cli.command, cli.config.worker_threads) {
+        runtime.worker_threads(usize::try_from(n).unwrap_or(1));
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(serve(cli)),
+        Err(e) => {
+            eprintln!("taskwire: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 // mimalloc's options (the vendored v3 `mi_option_e` of libmimalloc-sys;
@@ -41,20 +66,7 @@ extern "C" fn commit_arenas_lazily() {
 #[link_section = ".init_array"]
 static COMMIT_ARENAS_LAZILY: extern "C" fn() = commit_arenas_lazily;
 
-#[tokio::main]
-async fn serve() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
-    let cli = match Cli::load() {
-        Ok(cli) => cli,
-        Err(e) => {
-            eprintln!("taskwire: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
+async fn serve(cli: Cli) -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Sim(c)) => run_sim(c.listen, c.latency_ms).await,
         None => run(cli.config).await,

@@ -79,6 +79,7 @@ pub struct ServerKeys {
     pub request_timeout_s: Option<u64>,
     pub max_body_bytes: Option<u64>,
     pub site_root: Option<String>,
+    pub worker_threads: Option<u64>,
 }
 
 /// Most requests one pipelined connection carries at a time.

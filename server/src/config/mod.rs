@@ -154,6 +154,13 @@ pub struct Config {
     #[arg(long, env = "TASKWIRE_LISTEN", default_value = "127.0.0.1:3000")]
     pub listen: SocketAddr,
 
+    /// Threads running connections and polls (0: one per core). On a
+    /// machine shared with the task service, fewer cost less per poll
+    /// (docs/benchmarks.md, issue 15 third pass).
+    #[arg(long, env = "TASKWIRE_WORKER_THREADS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1024))]
+    pub worker_threads: u64,
+
     /// `embedded` (the built-in simulator) or the base URL of a task service.
     #[arg(long, env = "TASKWIRE_BACKEND", default_value = "embedded")]
     pub backend: BackendChoice,
@@ -395,6 +402,7 @@ impl Config {
         set!(frame_ancestors, Ok);
         set!(request_timeout_s, Ok);
         set!(max_body_bytes, Ok);
+        set!(worker_threads, Ok);
         set!(site_root, |v: String| Ok(Some(v.into())));
         if !loaded.backends.is_empty() && given("backend") {
             return Err(format!(
