@@ -51,7 +51,7 @@ pub(crate) struct Client {
     /// last (reused from the back, expired from the front).
     idle: Mutex<VecDeque<(SendRequest<Full<Bytes>>, Instant)>>,
     max_idle: usize,
-    /// `GET`s pipelined ([`Client::with_pipeline`]), else none.
+    /// `GET`s pipelined ([`Client::set_pipeline`]), else none.
     pipeline: Option<Pipeline>,
 }
 
@@ -162,7 +162,12 @@ impl Client {
         body: Option<Bytes>,
     ) -> Result<Answer, BackendError> {
         if let Some(pipeline) = &self.pipeline {
-            if method == Method::GET && body.is_none() {
+            // A target hyper would refuse (not plain visible ASCII) takes
+            // hyper's path, and its error.
+            if method == Method::GET
+                && body.is_none()
+                && path_and_query.bytes().all(|b| b.is_ascii_graphic())
+            {
                 let head = self.head(path_and_query, headers);
                 return tokio::time::timeout(self.timeout, pipeline.request(head))
                     .await

@@ -154,9 +154,9 @@ impl Shared {
         self.work.notify_one();
     }
 
-    /// The next batch (up to `depth` jobs whose caller still waits), or
-    /// `None` once nothing came for [`IDLE_EXPIRY`] (the connection is then
-    /// counted out).
+    /// Fills `batch` with the next jobs (up to `depth` whose caller still
+    /// waits): `true`; or `false` once nothing came for [`IDLE_EXPIRY`]
+    /// (the connection is then counted out).
     async fn next_batch(&self, batch: &mut VecDeque<Job>) -> bool {
         loop {
             {
