@@ -33,7 +33,9 @@ pub struct Table {
 #[derive(Default)]
 struct State {
     sessions: HashMap<Arc<str>, SessionRec>,
-    tasks: HashMap<Arc<str>, TaskRec>,
+    /// Boxed: a `TaskRec` is 296 bytes, and a map keeps its values in its
+    /// buckets, an eighth to a half of them empty (it grows by doubling).
+    tasks: HashMap<Arc<str>, Box<TaskRec>>,
     /// Durable: tasks changed (or gone) since the last write to disk.
     dirty: Option<HashSet<Arc<str>>>,
 }
@@ -353,11 +355,11 @@ fn add(s: &mut State, session: &Arc<str>, tr: Tracked, backend_id: &str) -> Arc<
         .push(id.clone());
     s.tasks.insert(
         id.clone(),
-        TaskRec {
+        Box::new(TaskRec {
             tr,
             session: session.clone(),
             backend_id: backend_id.into(),
-        },
+        }),
     );
     id
 }
