@@ -512,7 +512,7 @@ mod tests {
         use app::protocol::ServerMsg;
         let mut a = task("t1", 3, TaskState::Running);
         a.message = Some("step \"3\" of 10".into());
-        a.params = Some(serde_json::json!({"duration_ms": 1000, "steps": 10}));
+        a.params = Some(serde_json::json!({"duration_ms": 1000, "steps": 10}).into());
         let b = task("t2", 9, TaskState::Succeeded);
         let frames = [task_frame(&a), task_frame(&b)];
         for (session, tasks) in [(Some("s\"1"), vec![a.clone(), b.clone()]), (None, vec![])] {
