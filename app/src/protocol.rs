@@ -64,14 +64,54 @@ pub struct Task {
     pub done: u64,
     pub total: Option<u64>,
     pub message: Option<String>,
-    pub result: Option<Value>,
+    pub result: Option<JsonText>,
     pub error: Option<String>,
     pub seq: u64,
     pub created_ms: u64,
     pub updated_ms: u64,
     /// Extension (docs/protocol.md): the `params` the task was started with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub params: Option<Value>,
+    pub params: Option<JsonText>,
+}
+
+/// A JSON value a task carries (its `params`, its `result`), kept as its
+/// compact text and shared by every copy of the task: a `Value` object of
+/// two fields is a ~500-byte tree, held by every live and finished task
+/// for its whole retention and cloned with every new state. Same JSON on
+/// the wire as the `Value` it was made from (written back through one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonText(std::sync::Arc<str>);
+
+impl JsonText {
+    pub fn new(value: &Value) -> Self {
+        JsonText(value.to_string().into())
+    }
+
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.0).expect("always JSON text")
+    }
+
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Value> for JsonText {
+    fn from(value: Value) -> Self {
+        JsonText::new(&value)
+    }
+}
+
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(JsonText::from)
+    }
 }
 
 impl Task {

@@ -622,7 +622,7 @@ fn TaskCard(id: String, page: PageState, send: Callback<ClientMsg>) -> impl Into
                 <span class="kind" data-kind=task(|t| t.kind.clone())>
                     {move || page.kind_title(&view_of.with(|v| v.as_ref().map(|v| v.task.kind.clone()).unwrap_or_default()))}
                 </span>
-                <span class="params">{task(|t| t.params.as_ref().map(fmt_params).unwrap_or_default())}</span>
+                <span class="params">{task(|t| t.params.as_ref().map(|p| fmt_params(&p.value())).unwrap_or_default())}</span>
                 <span class=move || format!("state badge badge-{}", state.get().as_str())>
                     {move || state.get().as_str()}
                 </span>

@@ -24,7 +24,10 @@ async fn the_whole_loop(app: &TestApp) {
     let last = seen.last().unwrap();
     assert_eq!(last.state, TaskState::Succeeded);
     assert_eq!((last.done, last.total), (10, Some(10)));
-    assert_eq!(last.result, Some(json!({"steps": 10})));
+    assert_eq!(
+        last.result.as_ref().map(|r| r.value()),
+        Some(json!({"steps": 10}))
+    );
     assert!(
         seen.iter()
             .any(|t| t.state == TaskState::Running && t.done > 0 && t.done < 10),

@@ -96,7 +96,7 @@ fn task(id: &str, state: TaskState) -> Task {
         done: 10,
         total: Some(10),
         message: None,
-        result: Some(serde_json::json!({"n": 1.5})),
+        result: Some(serde_json::json!({"n": 1.5}).into()),
         error: None,
         seq: 7,
         created_ms: 1_700_000_000_000,

@@ -356,7 +356,7 @@ impl Engine {
             })?;
         }
         let slot = self.backends.slot(target.slot);
-        let task = new_task(session, kind, Some(params), self.clock.now_ms());
+        let task = new_task(session, kind, Some(params.clone()), self.clock.now_ms());
         // The webhook is known before the task can end (its first poll is due
         // as soon as it is recorded).
         if let Some(url) = webhook.or(target.webhook) {
@@ -373,11 +373,10 @@ impl Engine {
                 other => Refused::new(ErrorCode::BackendUnavailable, other.to_string()),
             })?;
         }
-        let params = task.params.as_ref().unwrap_or(&serde_json::Value::Null);
         let remote_id = slot
             .ctx
             .backend
-            .start(&task.id, target.remote, params)
+            .start(&task.id, target.remote, &params)
             .await?;
         let backend_id = route(&slot.name, &remote_id);
         let created = match &self.imp {

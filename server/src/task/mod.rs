@@ -9,7 +9,7 @@ pub mod jitter;
 pub mod policy;
 
 use crate::task_api::Status;
-use app::protocol::{Task, TaskState};
+use app::protocol::{JsonText, Task, TaskState};
 use policy::{Decision, Observed, PollPolicy};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -41,7 +41,7 @@ pub fn new_task(session: &str, kind: &str, params: Option<serde_json::Value>, no
         seq: 0,
         created_ms: now_ms,
         updated_ms: now_ms,
-        params,
+        params: params.map(JsonText::from),
     }
 }
 
@@ -114,7 +114,7 @@ impl Tracked {
                 done: status.done,
                 total: status.total,
                 message: status.message.clone(),
-                result: status.result.clone(),
+                result: status.result.clone().map(JsonText::from),
                 error: status.error.clone(),
                 updated_ms: status.changed_at_ms,
                 ..self.task.clone()

@@ -1,6 +1,8 @@
 //! The fanout: this process's connections, which task each one watches, and
 //! the latest state of every task of a connected session, serialised once
-//! and pushed to its subscribers' outboxes. Both engines use it the same
+//! and pushed to its subscribers' outboxes. A task is kept here only as that
+//! frame (with its `seq` and state): `welcome` and `accepted` splice it, so
+//! the fanout holds no second copy of the engine's `Task`. Both engines use it the same
 //! way: they hold the truth (the memory table, or Redis) and [`Fanout::apply`]
 //! each change here; a session is held only while a connection of it is
 //! open or being set up, so the fanout never grows with sessions nobody
@@ -9,7 +11,7 @@
 pub mod outbox;
 
 use crate::clock::Clock;
-use app::protocol::{ServerMsg, Task, TaskMsgRef, PROTOCOL_VERSION};
+use app::protocol::{Task, TaskMsgRef, TaskState, PROTOCOL_VERSION};
 use axum::extract::ws::Utf8Bytes;
 pub use outbox::{CloseReason, Next, Outbox};
 use std::collections::HashMap;
@@ -83,8 +85,11 @@ impl View {
 struct TaskEntry {
     /// `task.id`, shared with the outboxes that key their updates by it.
     id: Arc<str>,
-    task: Task,
-    /// `{"type":"task",...}` of the current state, serialised once.
+    /// The current state's `seq` and state; the rest of it is in `frame`.
+    seq: u64,
+    state: TaskState,
+    /// `{"type":"task","task":{...}}` of the current state, serialised once:
+    /// the only copy of the task here ([`task_json`] reads the task back out).
     frame: Utf8Bytes,
     session: Arc<str>,
     subscribers: Vec<(ConnId, Arc<Outbox>)>,
@@ -117,8 +122,48 @@ pub struct FanoutCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotFound;
 
+/// What every `task` frame starts with (`TaskMsgRef`'s JSON: the tag, then
+/// the task) and ends with; the task's own JSON is what lies between.
+const FRAME_HEAD: &str = r#"{"type":"task","task":"#;
+const FRAME_TAIL: &str = "}";
+
+/// A task's `task` frame, in an allocation of its own length (a `String`
+/// grown by doubling would keep up to twice that for as long as the state
+/// stays current).
 fn task_frame(task: &Task) -> Utf8Bytes {
-    Utf8Bytes::from(serde_json::to_string(&TaskMsgRef { task }).expect("a Task always serialises"))
+    let json = serde_json::to_string(&TaskMsgRef { task }).expect("a Task always serialises");
+    debug_assert!(json.starts_with(FRAME_HEAD) && json.ends_with(FRAME_TAIL));
+    Utf8Bytes::from(json.into_boxed_str().into_string())
+}
+
+/// The task's JSON inside its `task` frame.
+fn task_json(frame: &str) -> &str {
+    &frame[FRAME_HEAD.len()..frame.len() - FRAME_TAIL.len()]
+}
+
+/// `welcome` (same JSON as `ServerMsg::Welcome`), its tasks spliced from their frames.
+fn welcome_json<'a>(session: Option<&str>, frames: impl Iterator<Item = &'a str>) -> String {
+    let mut out = format!(
+        r#"{{"type":"welcome","protocol":{PROTOCOL_VERSION},"session":{},"tasks":["#,
+        serde_json::to_string(&session).expect("a string always serialises")
+    );
+    for (i, frame) in frames.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(task_json(frame));
+    }
+    out.push_str("]}");
+    out
+}
+
+/// `accepted` (same JSON as `ServerMsg::Accepted`) for a task's `task` frame.
+fn accepted_json(reference: &str, frame: &str) -> String {
+    format!(
+        r#"{{"type":"accepted","ref":{},"task":{}}}"#,
+        serde_json::to_string(reference).expect("a string always serialises"),
+        task_json(frame)
+    )
 }
 
 impl Fanout {
@@ -175,20 +220,17 @@ impl Fanout {
             outbox: outbox.clone(),
             view: view.clone(),
         });
-        let mut tasks = Vec::with_capacity(entry.tasks.len());
+        let mut frames = Vec::with_capacity(entry.tasks.len());
         for tid in entry.tasks.iter().filter(|tid| view.sees(tid)) {
             if let Some(t) = s.tasks.get_mut(tid) {
                 t.subscribers.push((id, outbox.clone()));
-                tasks.push(t.task.clone());
+                frames.push(t.frame.clone());
             }
         }
         s.conns.insert(id, outbox.clone());
-        let welcome = ServerMsg::Welcome {
-            protocol: PROTOCOL_VERSION,
-            session: (view == View::Session).then(|| session.to_string()),
-            tasks,
-        };
-        outbox.push_reply(welcome.to_json().into());
+        let named = (view == View::Session).then_some(&*session);
+        let welcome = welcome_json(named, frames.iter().map(|f| f.as_str()));
+        outbox.push_reply(welcome.into());
         Conn {
             id,
             session,
@@ -246,11 +288,10 @@ impl Fanout {
             return false;
         };
         if let Some(t) = s.tasks.get_mut(task.id.as_str()) {
-            if task.seq <= t.task.seq {
+            if task.seq <= t.seq {
                 return false;
             }
-            t.task = task.clone();
-            publish(t);
+            publish(t, task);
             return true;
         }
         let id: Arc<str> = task.id.as_str().into();
@@ -267,8 +308,9 @@ impl Fanout {
             id.clone(),
             TaskEntry {
                 id,
+                seq: task.seq,
+                state: task.state,
                 frame,
-                task: task.clone(),
                 session,
                 subscribers,
             },
@@ -287,20 +329,16 @@ impl Fanout {
         // The session's other connections get it as a `task` message.
         self.apply_except(&conn.session, task, Some(conn.id));
         let mut s = self.lock();
-        let newest = match s.tasks.get_mut(task.id.as_str()) {
+        let accepted = match s.tasks.get_mut(task.id.as_str()) {
             Some(t) => {
                 if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
                     t.subscribers.push((conn.id, conn.outbox.clone()));
                 }
-                t.task.clone()
+                accepted_json(&reference, &t.frame)
             }
-            None => task.clone(),
+            None => accepted_json(&reference, &task_frame(task)),
         };
-        let accepted = ServerMsg::Accepted {
-            reference,
-            task: newest,
-        };
-        conn.outbox.push_reply(accepted.to_json().into());
+        conn.outbox.push_reply(accepted.into());
     }
 
     /// The sessions held here (to read again after a feed of changes was lost).
@@ -310,7 +348,7 @@ impl Fanout {
 
     /// The `seq` held here for a task, if it is held.
     pub fn seq_of(&self, task_id: &str) -> Option<u64> {
-        self.lock().tasks.get(task_id).map(|t| t.task.seq)
+        self.lock().tasks.get(task_id).map(|t| t.seq)
     }
 
     /// A task was forgotten or expired: dropped here too (if `session` owns it).
@@ -336,7 +374,7 @@ impl Fanout {
         if !t.subscribers.iter().any(|(c, _)| *c == conn.id) {
             t.subscribers.push((conn.id, conn.outbox.clone()));
         }
-        conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+        conn.outbox.push_update(&t.id, t.seq, t.frame.clone());
         Ok(())
     }
 
@@ -363,7 +401,7 @@ impl Fanout {
             .filter(|t| t.session == conn.session && conn.view.sees(task_id))
         {
             if !(unless_subscribed && t.subscribers.iter().any(|(c, _)| *c == conn.id)) {
-                conn.outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+                conn.outbox.push_update(&t.id, t.seq, t.frame.clone());
             }
         }
     }
@@ -390,17 +428,14 @@ impl Fanout {
     /// role's gauges).
     pub fn task_counts(&self) -> (usize, usize) {
         let s = self.lock();
-        let live = s
-            .tasks
-            .values()
-            .filter(|t| !t.task.state.is_final())
-            .count();
+        let live = s.tasks.values().filter(|t| !t.state.is_final()).count();
         (s.tasks.len(), live)
     }
 
-    /// A copy of one task held here (for tests).
+    /// A copy of one task held here (for tests), read back from its frame.
     pub fn task(&self, task_id: &str) -> Option<Task> {
-        self.lock().tasks.get(task_id).map(|t| t.task.clone())
+        let frame = self.lock().tasks.get(task_id)?.frame.clone();
+        Some(serde_json::from_str(task_json(&frame)).expect("a frame holds a task"))
     }
 }
 
@@ -431,11 +466,14 @@ impl<V> GetKeyValueMut<V> for HashMap<Arc<str>, V> {
     }
 }
 
-/// Sends the task's (new) current state: one serialisation, fan-out.
-fn publish(t: &mut TaskEntry) {
-    t.frame = task_frame(&t.task);
+/// Makes `task` the entry's current state and sends it: one
+/// serialisation, fan-out.
+fn publish(t: &mut TaskEntry, task: &Task) {
+    t.seq = task.seq;
+    t.state = task.state;
+    t.frame = task_frame(task);
     for (_, outbox) in &t.subscribers {
-        outbox.push_update(&t.id, t.task.seq, t.frame.clone());
+        outbox.push_update(&t.id, t.seq, t.frame.clone());
     }
 }
 
@@ -467,6 +505,34 @@ mod tests {
             out.push(f.to_string());
         }
         out
+    }
+
+    #[test]
+    fn welcome_and_accepted_spliced_from_frames_are_the_messages_json() {
+        use app::protocol::ServerMsg;
+        let mut a = task("t1", 3, TaskState::Running);
+        a.message = Some("step \"3\" of 10".into());
+        a.params = Some(serde_json::json!({"duration_ms": 1000, "steps": 10}).into());
+        let b = task("t2", 9, TaskState::Succeeded);
+        let frames = [task_frame(&a), task_frame(&b)];
+        for (session, tasks) in [(Some("s\"1"), vec![a.clone(), b.clone()]), (None, vec![])] {
+            let expected = ServerMsg::Welcome {
+                protocol: PROTOCOL_VERSION,
+                session: session.map(str::to_string),
+                tasks: tasks.clone(),
+            };
+            let spliced = welcome_json(session, frames[..tasks.len()].iter().map(|f| f.as_str()));
+            assert_eq!(spliced, expected.to_json());
+        }
+        let expected = ServerMsg::Accepted {
+            reference: "r\u{1}".into(),
+            task: a.clone(),
+        };
+        assert_eq!(accepted_json("r\u{1}", &frames[0]), expected.to_json());
+        assert_eq!(
+            task_frame(&a).len(),
+            ServerMsg::Task { task: a }.to_json().len()
+        );
     }
 
     #[test]

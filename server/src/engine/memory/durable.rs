@@ -20,7 +20,7 @@
 //! One thread owns the database and does every write, so no async task ever
 //! blocks on the disk.
 
-use super::table::Table;
+use super::table::{Table, CHECKPOINT_CHUNK};
 use crate::task::{Track, Tracked};
 use app::protocol::Task;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -65,20 +65,15 @@ pub struct RecordRef<'a> {
     pub track: Track,
 }
 
-/// A checkpoint's batch: the changed tasks' records, serialised one after
-/// another into one buffer (one allocation, not one per task).
+/// A chunk of a checkpoint: changed tasks' records, serialised one after
+/// another into one buffer (one allocation, not one per task), reused for
+/// every chunk.
 #[derive(Default)]
 pub struct Batch {
     /// Every record's JSON, back to back.
     pub bytes: Vec<u8>,
     /// Each changed task and its record's range in `bytes` (`None`: gone).
     pub entries: Vec<(Arc<str>, Option<std::ops::Range<usize>>)>,
-}
-
-impl Batch {
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +192,7 @@ impl Durable {
 fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
     let mut next_checkpoint = Instant::now() + CHECKPOINT_INTERVAL;
     let mut next_compact = Instant::now() + COMPACT_INTERVAL;
+    let mut batch = Batch::default();
     loop {
         let mut acks = Vec::new();
         let mut stop: Option<Option<oneshot::Sender<()>>> = None;
@@ -219,12 +215,12 @@ fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
         let result = if dirty.is_empty() {
             Ok(())
         } else {
-            write(&db, &dirty).map_err(|e| e.to_string())
+            write(&db, &table, &dirty, &mut batch).map_err(|e| e.to_string())
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing the data file failed; will retry");
             // Not lost: marked dirty again for the next try.
-            table.mark_dirty(dirty.entries.into_iter().map(|(id, _)| id));
+            table.mark_dirty(dirty);
         }
         for ack in acks {
             let _ = ack.send(result.clone());
@@ -249,18 +245,28 @@ fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
     }
 }
 
-/// One synced transaction: upserts and deletes.
-fn write(db: &Database, dirty: &Batch) -> Result<(), redb::Error> {
+/// One synced transaction: the `dirty` tasks' upserts and deletes, their
+/// records serialised [`CHECKPOINT_CHUNK`] at a time into `batch` (10,000
+/// changed tasks are ~4 MB of JSON: never all in memory at once).
+fn write(
+    db: &Database,
+    table: &Table,
+    dirty: &[Arc<str>],
+    batch: &mut Batch,
+) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
-        let mut table = txn.open_table(TASKS)?;
-        for (id, record) in &dirty.entries {
-            match record {
-                Some(range) => {
-                    table.insert(&**id, &dirty.bytes[range.clone()])?;
-                }
-                None => {
-                    table.remove(&**id)?;
+        let mut tasks = txn.open_table(TASKS)?;
+        for ids in dirty.chunks(CHECKPOINT_CHUNK) {
+            table.serialise(ids, batch);
+            for (id, record) in &batch.entries {
+                match record {
+                    Some(range) => {
+                        tasks.insert(&**id, &batch.bytes[range.clone()])?;
+                    }
+                    None => {
+                        tasks.remove(&**id)?;
+                    }
                 }
             }
         }

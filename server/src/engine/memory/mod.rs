@@ -123,7 +123,10 @@ impl MemoryEngine {
             } else {
                 live += 1;
                 let task = &record.task;
-                let params = task.params.clone().unwrap_or_default();
+                let params = task
+                    .params
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |p| p.value());
                 backends.slot(slot).ctx.backend.restore(
                     &record.backend_id,
                     &task.kind,

@@ -16,8 +16,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Records serialised per hold of the lock by [`Table::take_dirty`].
-const CHECKPOINT_CHUNK: usize = 256;
+/// Records a checkpoint serialises per hold of the lock ([`Table::serialise`]).
+pub const CHECKPOINT_CHUNK: usize = 256;
 
 /// Cheap to clone; all clones share one table.
 #[derive(Clone)]
@@ -33,7 +33,9 @@ pub struct Table {
 #[derive(Default)]
 struct State {
     sessions: HashMap<Arc<str>, SessionRec>,
-    tasks: HashMap<Arc<str>, TaskRec>,
+    /// Boxed: a `TaskRec` is 296 bytes, and a map keeps its values in its
+    /// buckets, an eighth to a half of them empty (it grows by doubling).
+    tasks: HashMap<Arc<str>, Box<TaskRec>>,
     /// Durable: tasks changed (or gone) since the last write to disk.
     dirty: Option<HashSet<Arc<str>>>,
 }
@@ -73,38 +75,40 @@ impl Table {
         }
     }
 
-    /// Tasks changed since the last call, with their records serialised
-    /// (`None`: gone). Serialised under the lock, [`CHECKPOINT_CHUNK`] at a
-    /// time so polls are not held up long: no copy of a task is made. A task
-    /// changed after its chunk is marked dirty again for the next call.
-    pub fn take_dirty(&self) -> Batch {
-        let ids: Vec<Arc<str>> = match self.lock().dirty.as_mut() {
+    /// Tasks changed (or gone) since the last call, for a checkpoint to
+    /// write with [`Table::serialise`].
+    pub fn take_dirty(&self) -> Vec<Arc<str>> {
+        match self.lock().dirty.as_mut() {
             Some(dirty) => dirty.drain().collect(),
-            None => return Batch::default(),
-        };
-        let mut batch = Batch {
-            bytes: Vec::new(),
-            entries: Vec::with_capacity(ids.len()),
-        };
-        for chunk in ids.chunks(CHECKPOINT_CHUNK) {
-            let s = self.lock();
-            for id in chunk {
-                let range = s.tasks.get(id).map(|t| {
-                    let start = batch.bytes.len();
-                    let record = RecordRef {
-                        session: &t.session,
-                        backend_id: &t.backend_id,
-                        task: &t.tr.task,
-                        track: t.tr.track,
-                    };
-                    serde_json::to_writer(&mut batch.bytes, &record)
-                        .expect("a record always serialises");
-                    start..batch.bytes.len()
-                });
-                batch.entries.push((id.clone(), range));
-            }
+            None => Vec::new(),
         }
-        batch
+    }
+
+    /// `ids`' records serialised into `batch` (cleared first; `None`: gone),
+    /// under one hold of the lock, so no copy of a task is made: the
+    /// checkpoint takes [`CHECKPOINT_CHUNK`] ids at a time and reuses the
+    /// buffer, so polls are not held up long and the buffer stays one
+    /// chunk's size. A task changed after its chunk is dirty again for the
+    /// next checkpoint.
+    pub fn serialise(&self, ids: &[Arc<str>], batch: &mut Batch) {
+        batch.bytes.clear();
+        batch.entries.clear();
+        let s = self.lock();
+        for id in ids {
+            let range = s.tasks.get(id).map(|t| {
+                let start = batch.bytes.len();
+                let record = RecordRef {
+                    session: &t.session,
+                    backend_id: &t.backend_id,
+                    task: &t.tr.task,
+                    track: t.tr.track,
+                };
+                serde_json::to_writer(&mut batch.bytes, &record)
+                    .expect("a record always serialises");
+                start..batch.bytes.len()
+            });
+            batch.entries.push((id.clone(), range));
+        }
     }
 
     /// Marks tasks to be written again (a write failed).
@@ -356,11 +360,11 @@ fn add(s: &mut State, session: &Arc<str>, tr: Tracked, backend_id: &str) -> Arc<
         .push(id.clone());
     s.tasks.insert(
         id.clone(),
-        TaskRec {
+        Box::new(TaskRec {
             tr,
             session: session.clone(),
             backend_id: backend_id.into(),
-        },
+        }),
     );
     id
 }
