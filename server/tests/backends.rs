@@ -131,12 +131,7 @@ async fn a_slow_backend_never_holds_another_backends_polls_back() {
     // 1.5 s at 100 ms: about 15 changes each; behind the slow queue, 1 or 2.
     assert!(updates >= 5 * 8, "{updates} updates for 5 fast tasks");
     // Each backend's polls are counted on their own.
-    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("backend=\"fast\""), "{metrics}");
     app.stop().await;
 }
@@ -303,12 +298,7 @@ async fn pipelined_polls_against_the_simulator_reach_every_final_state() {
         }
     }
     // Polls really went pipelined: fewer writes than requests.
-    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let read = |name: &str| -> f64 {
         metrics
             .lines()

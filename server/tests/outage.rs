@@ -90,12 +90,7 @@ async fn metrics_are_exposed_in_prometheus_text() {
     let mut c = app.client().await;
     let task = c.start("m", json!({"duration_ms": 300, "steps": 3})).await;
     c.until_final(&task.id).await;
-    let body = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = app.metrics().await;
     for name in [
         "taskwire_poll_seconds",
         "taskwire_poll_lateness_seconds",

@@ -66,6 +66,16 @@ impl TestApp {
         Client::connect(self.addr, None).await
     }
 
+    /// `GET /metrics` on the admin listener: the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
