@@ -839,3 +839,36 @@ fn the_documented_configurations_are_valid() {
         }
     }
 }
+
+#[tokio::test]
+async fn pipelined_status_polls_carry_the_headers_and_get_their_own_answers() {
+    let (svc, url) = spawn(Shape::Jobs).await;
+    let b = backend_from(JOBS_CONFIG, &url).with_pipeline(4, 8);
+    let mut ids = Vec::new();
+    for i in 0..10u64 {
+        let id = b.start("report", &json!({"n": i + 1})).await.unwrap();
+        svc.job(&id, |j| {
+            j.state = Some(json!("RUNNING"));
+            j.done = Some(json!(i));
+            j.total = Some(json!(10));
+        });
+        ids.push(id);
+    }
+    // All at once: they go out pipelined, up to 4 per write.
+    let answers = futures::future::join_all(ids.iter().map(|id| b.status(id))).await;
+    for (i, (id, answer)) in ids.iter().zip(answers).enumerate() {
+        let s = answer.unwrap();
+        assert_eq!((s.id.as_str(), s.done), (id.as_str(), i as u64));
+    }
+    let seen = svc.seen.lock().unwrap();
+    assert_eq!(
+        seen.targets.len(),
+        20,
+        "10 starts, 10 polls: {:?}",
+        seen.targets
+    );
+    assert!(seen
+        .authorization
+        .iter()
+        .all(|a| a.as_deref() == Some("Bearer t0ken")));
+}
