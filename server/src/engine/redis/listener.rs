@@ -9,8 +9,12 @@
 //! made good by any later one; on a `seq` gap the listener also reads the
 //! task from Redis. What no later message can make good is a missed *last*
 //! message, so after every (re)subscription the listener reads every
-//! mirrored session again from Redis. Redis drops a subscriber only by closing its connection (e.g. its
-//! output buffer limit), which this loop sees and answers the same way.
+//! mirrored session again from Redis, and again [`RESYNC_AGAIN`] later: on
+//! a Redis Cluster the subscription is on one node, and a node that has
+//! just come back relays the other nodes' messages only once its cluster
+//! bus is connected again, which can be after the first read. Redis drops
+//! a subscriber only by closing its connection (e.g. its output buffer
+//! limit), which this loop sees and answers the same way.
 
 use super::keys::EVENTS;
 use super::store::{Event, Store, StoreError, RETRY_MAX, RETRY_MIN};
@@ -22,6 +26,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::time::DelayQueue;
+
+/// After a (re)subscription, the mirrored sessions are read again at each
+/// of these delays (see the module's doc).
+const RESYNC_AGAIN: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+    Duration::from_secs(10),
+];
 
 pub struct Listener {
     pub store: Store,
@@ -53,9 +65,18 @@ impl Listener {
                     Ok(()) => {
                         retry = RETRY_MIN;
                         let mut messages = pubsub.on_message();
+                        let subscribed = tokio::time::Instant::now();
+                        let mut again = RESYNC_AGAIN.iter();
+                        let mut next_resync = again.next().map(|d| subscribed + *d);
                         loop {
                             tokio::select! {
                                 _ = shutdown.changed() => return,
+                                _ = tokio::time::sleep_until(next_resync.unwrap_or(subscribed)), if next_resync.is_some() => {
+                                    if let Err(e) = self.resync().await {
+                                        tracing::warn!(error = %e, "reading the sessions again failed");
+                                    }
+                                    next_resync = again.next().map(|d| subscribed + *d);
+                                }
                                 msg = messages.next() => match msg {
                                     Some(msg) => self.handle(msg.get_payload_bytes()).await,
                                     None => break,
