@@ -445,22 +445,17 @@ fn backend(
     if max_concurrent_polls == 0 {
         return Err("max_concurrent_polls: must be at least 1".into());
     }
-    let pipeline_depth = match (&adapter, b.pipeline_depth) {
-        (_, None) => match adapter {
-            AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_) => d.pipeline_depth,
-            _ => 0,
-        },
-        (AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_), Some(n))
-            if n <= MAX_PIPELINE_DEPTH =>
-        {
-            n
-        }
-        (AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_), Some(_)) => {
+    let speaks_http = matches!(adapter, AdapterSpec::Taskwire { .. } | AdapterSpec::Http(_));
+    let pipeline_depth = match b.pipeline_depth {
+        None if speaks_http => d.pipeline_depth,
+        None => 0,
+        Some(n) if speaks_http && n <= MAX_PIPELINE_DEPTH => n,
+        Some(_) if speaks_http => {
             return Err(format!(
                 "pipeline_depth: must be from 0 to {MAX_PIPELINE_DEPTH}"
             ))
         }
-        (_, Some(_)) => {
+        Some(_) => {
             return Err(format!(
                 "pipeline_depth: the {} adapter does not speak HTTP to its backend",
                 adapter.name()

@@ -65,17 +65,25 @@ impl Listener {
                     Ok(()) => {
                         retry = RETRY_MIN;
                         let mut messages = pubsub.on_message();
+                        // One timer for the later reads, moved on after each
+                        // (not a new one per message).
                         let subscribed = tokio::time::Instant::now();
-                        let mut again = RESYNC_AGAIN.iter();
-                        let mut next_resync = again.next().map(|d| subscribed + *d);
+                        let mut again = RESYNC_AGAIN.iter().map(|d| subscribed + *d);
+                        let mut pending = true;
+                        let resync_at =
+                            tokio::time::sleep_until(again.next().unwrap_or(subscribed));
+                        tokio::pin!(resync_at);
                         loop {
                             tokio::select! {
                                 _ = shutdown.changed() => return,
-                                _ = tokio::time::sleep_until(next_resync.unwrap_or(subscribed)), if next_resync.is_some() => {
+                                _ = &mut resync_at, if pending => {
                                     if let Err(e) = self.resync().await {
                                         tracing::warn!(error = %e, "reading the sessions again failed");
                                     }
-                                    next_resync = again.next().map(|d| subscribed + *d);
+                                    match again.next() {
+                                        Some(at) => resync_at.as_mut().reset(at),
+                                        None => pending = false,
+                                    }
                                 }
                                 msg = messages.next() => match msg {
                                     Some(msg) => self.handle(msg.get_payload_bytes()).await,
