@@ -3,17 +3,26 @@
 //! `DelayQueue`. No interval and no sleep per task: the queue wakes when the
 //! earliest entry is due, the due poll runs through the pipeline on a
 //! bounded pool, and the committed outcome decides the task's next entry.
+//!
+//! The polls run inside the queue's own task, not one spawned task each:
+//! the request, the transition and the fan-out of every poll of a due batch
+//! happen in that task, woken once when a batch of answers arrives (a
+//! pipelined connection hands its answers over together), so a poll costs
+//! no spawn and no wake of its own.
 
 use super::table::{PollTarget, Table};
 use crate::engine::pipeline::{Limits, Pipeline, PollCtx};
 use crate::task::policy::NextDue;
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::time::{delay_queue, DelayQueue};
 
@@ -42,6 +51,9 @@ pub struct Snapshot {
     pub in_flight: Vec<Arc<str>>,
     /// Finished tasks waiting for their expiry.
     pub expiring: usize,
+    /// The table's live tasks at the same instant (the polls commit in the
+    /// queue's task, so the two agree unless an entry is lost or doubled).
+    pub live: Vec<Arc<str>>,
 }
 
 /// Cheap handle to add work to the queue.
@@ -85,6 +97,9 @@ impl QueueHandle {
 
 /// A finished poll: the task, where it goes next, and when it was due.
 type PollResult = (Arc<str>, NextDue, Instant);
+
+/// The polls running, driven by the queue's task itself.
+type Running = FuturesUnordered<Pin<Box<dyn Future<Output = PollResult> + Send>>>;
 
 pub struct Queue {
     table: Table,
@@ -148,7 +163,7 @@ impl Queue {
 
     /// Runs until `shutdown` turns true, then lets the polls in flight finish.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut in_flight: JoinSet<PollResult> = JoinSet::new();
+        let mut in_flight = Running::new();
         loop {
             let stats = &self.pipeline.ctx().stats;
             stats
@@ -160,10 +175,8 @@ impl Queue {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Ok((task, next, due)) = done {
-                        self.after_poll(task, next, due);
-                    }
+                Some((task, next, due)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.after_poll(task, next, due);
                 }
                 cmd = self.rx.recv() => match cmd {
                     Some(Command::Schedule(job, delay)) => self.schedule(job, delay),
@@ -179,14 +192,12 @@ impl Queue {
                 }
             }
         }
-        while let Some(done) = in_flight.join_next().await {
-            if let Ok((task, next, due)) = done {
-                self.after_poll(task, next, due);
-            }
+        while let Some((task, next, due)) = in_flight.next().await {
+            self.after_poll(task, next, due);
         }
     }
 
-    fn fire(&mut self, job: Job, due: Instant, in_flight: &mut JoinSet<PollResult>) {
+    fn fire(&mut self, job: Job, due: Instant, in_flight: &mut Running) {
         match job {
             Job::Poll(task) => self.fire_poll(task, due, in_flight),
             Job::ExpireTask(task) => {
@@ -198,7 +209,7 @@ impl Queue {
         }
     }
 
-    fn fire_poll(&mut self, task: Arc<str>, due: Instant, in_flight: &mut JoinSet<PollResult>) {
+    fn fire_poll(&mut self, task: Arc<str>, due: Instant, in_flight: &mut Running) {
         if self.running.contains(&task) {
             // Cannot happen (a task's entry is re-made only after its poll),
             // but a second poll at once must never go out.
@@ -219,16 +230,20 @@ impl Queue {
         };
         self.running.insert(task.clone());
         let table = self.table.clone();
-        in_flight.spawn(async move {
-            let next = match ctx
-                .poll(&table, &task, None, Some(&backend_id), due_ms, jitter)
-                .await
-            {
-                Ok(Some(c)) => c.next,
-                Ok(None) | Err(_) => NextDue::Keep,
+        in_flight.push(Box::pin(async move {
+            let poll = ctx.poll(&table, &task, None, Some(&backend_id), due_ms, jitter);
+            // A bug in one poll must not stop the queue that runs them all:
+            // the task is polled again after an interval.
+            let next = match AssertUnwindSafe(poll).catch_unwind().await {
+                Ok(Ok(Some(c))) => c.next,
+                Ok(Ok(None) | Err(_)) => NextDue::Keep,
+                Err(_) => {
+                    tracing::error!(task = %task, "a poll panicked; polled again after an interval");
+                    NextDue::At(ctx.clock.now_ms() + ctx.policy.poll_interval_ms)
+                }
             };
             (task, next, due)
-        });
+        }));
     }
 
     fn after_poll(&mut self, task: Arc<str>, next: NextDue, _due: Instant) {
@@ -248,6 +263,7 @@ impl Queue {
     fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot {
             in_flight: self.running.iter().cloned().collect(),
+            live: self.table.live_task_ids(),
             ..Snapshot::default()
         };
         for job in self.keys.keys() {
