@@ -211,7 +211,12 @@ fn writer(mut db: Database, table: Table, rx: mpsc::Receiver<Msg>) {
                 Msg::Stop(ack) => stop = Some(Some(ack)),
             }
         }
-        let dirty = table.take_dirty();
+        // In key order: each of the B-tree's pages is read and written once
+        // per checkpoint. In the set's order (random) nearly every insert
+        // missed the small page cache and read its page from the file again
+        // (a sixth of the server's CPU at 10,000 tasks, in `pread`).
+        let mut dirty = table.take_dirty();
+        dirty.sort_unstable();
         let result = if dirty.is_empty() {
             Ok(())
         } else {
