@@ -78,7 +78,8 @@ pub struct Task {
 /// compact text and shared by every copy of the task: a `Value` object of
 /// two fields is a ~500-byte tree, held by every live and finished task
 /// for its whole retention and cloned with every new state. Same JSON on
-/// the wire as the `Value` it was made from (written back through one).
+/// the wire as the `Value` it was made from, written out as the text itself
+/// (no `Value` built per frame).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JsonText(std::sync::Arc<str>);
 
@@ -104,7 +105,10 @@ impl From<Value> for JsonText {
 
 impl Serialize for JsonText {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.value().serialize(s)
+        // Borrowed, checked in one scan: no tree, no copy.
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
     }
 }
 
@@ -536,6 +540,19 @@ mod tests {
             ClientMsg::parse(&ok).is_ok(),
             "64 characters, more bytes, is fine"
         );
+    }
+
+    #[test]
+    fn params_and_result_are_written_as_the_json_they_were() {
+        let mut v = task_json();
+        v["params"] = json!({"duration_ms": 5000, "nested": {"a": [1, 2.5, "x\"y"]}, "é": null});
+        v["result"] = json!([{"k": true}, -3]);
+        let task: Task = serde_json::from_value(v.clone()).unwrap();
+        // Through the text writer (the wire) and through `Value`'s (tests).
+        let text = serde_json::to_string(&task).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v);
+        assert_eq!(serde_json::to_value(&task).unwrap(), v);
+        assert_eq!(task.params.as_ref().unwrap().value(), v["params"]);
     }
 
     #[test]
