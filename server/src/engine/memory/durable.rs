@@ -38,8 +38,10 @@ pub const COMPACT_INTERVAL: Duration = Duration::from_secs(600);
 /// Added to a loaded task's `seq`: above any change it can have made after
 /// its last checkpoint.
 pub const SEQ_HEADROOM: u64 = 10_000;
-/// redb's page cache.
-const CACHE_BYTES: usize = 4 << 20;
+/// redb's page cache. The checkpoint writes in key order, so each page is
+/// read once per checkpoint whatever the cache holds: 1 MiB costs no more
+/// CPU than 4 and ~3.5 MB less RSS at 10,000 tasks.
+const CACHE_BYTES: usize = 1 << 20;
 /// The file under `--data-dir`.
 pub const FILE_NAME: &str = "taskwire.redb";
 
