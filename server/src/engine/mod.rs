@@ -20,6 +20,7 @@ pub mod admission;
 pub mod backends;
 pub mod fanout;
 pub mod finals;
+pub mod hash;
 pub mod memory;
 pub mod pipeline;
 pub mod redis;

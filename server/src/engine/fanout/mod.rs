@@ -11,10 +11,10 @@
 pub mod outbox;
 
 use crate::clock::Clock;
+use crate::engine::hash::Map;
 use app::protocol::{Task, TaskMsgRef, TaskState, PROTOCOL_VERSION};
 use axum::extract::ws::Utf8Bytes;
 pub use outbox::{CloseReason, Next, Outbox};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -37,9 +37,9 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<Arc<str>, SessionEntry>,
-    tasks: HashMap<Arc<str>, TaskEntry>,
-    conns: HashMap<ConnId, Arc<Outbox>>,
+    sessions: Map<Arc<str>, SessionEntry>,
+    tasks: Map<Arc<str>, TaskEntry>,
+    conns: Map<ConnId, Arc<Outbox>>,
 }
 
 #[derive(Default)]
@@ -459,7 +459,7 @@ trait GetKeyValueMut<V> {
     fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Arc<str>, &mut V)>;
 }
 
-impl<V> GetKeyValueMut<V> for HashMap<Arc<str>, V> {
+impl<V> GetKeyValueMut<V> for Map<Arc<str>, V> {
     fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Arc<str>, &mut V)> {
         let k = self.get_key_value(key)?.0.clone();
         self.get_mut(key).map(|v| (k, v))

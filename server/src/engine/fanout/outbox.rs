@@ -4,8 +4,9 @@
 //! and never misses a final state (a final state has the highest `seq` and so
 //! is never replaced).
 
+use crate::engine::hash::Map;
 use axum::extract::ws::Utf8Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -42,7 +43,7 @@ pub enum CloseReason {
 #[derive(Default)]
 struct State {
     replies: VecDeque<Utf8Bytes>,
-    updates: HashMap<Arc<str>, (u64, Utf8Bytes)>,
+    updates: Map<Arc<str>, (u64, Utf8Bytes)>,
     order: VecDeque<Arc<str>>,
     closed: Option<CloseReason>,
 }

@@ -11,11 +11,11 @@
 //! no spawn and no wake of its own.
 
 use super::table::{PollTarget, Table};
+use crate::engine::hash::{Map, Set};
 use crate::engine::pipeline::{Limits, Pipeline, PollCtx};
 use crate::task::policy::NextDue;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -109,9 +109,9 @@ pub struct Queue {
     rx: mpsc::Receiver<Command>,
     queue: DelayQueue<Job>,
     /// The queue key of each job, so a task never has two entries.
-    keys: HashMap<Job, delay_queue::Key>,
+    keys: Map<Job, delay_queue::Key>,
     /// Tasks whose poll is running: never polled twice at once.
-    running: HashSet<Arc<str>>,
+    running: Set<Arc<str>>,
 }
 
 impl Queue {
@@ -129,8 +129,8 @@ impl Queue {
             retention,
             rx,
             queue: DelayQueue::new(),
-            keys: HashMap::new(),
-            running: HashSet::new(),
+            keys: Map::default(),
+            running: Set::default(),
         };
         (queue, QueueHandle { tx })
     }

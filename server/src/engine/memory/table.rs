@@ -7,11 +7,11 @@ use super::durable::{Batch, Record, RecordRef};
 use crate::engine::admission::{Refusal, StartLimits, StartWindow};
 use crate::engine::fanout::Fanout;
 use crate::engine::finals::Finals;
+use crate::engine::hash::{Map, Set};
 use crate::engine::pipeline::{next_due, Committed, TaskStore};
 use crate::task::id::{is_session_token, new_session_token};
 use crate::task::{Step, Tracked};
 use app::protocol::Task;
-use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,12 +32,12 @@ pub struct Table {
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<Arc<str>, SessionRec>,
+    sessions: Map<Arc<str>, SessionRec>,
     /// Boxed: a `TaskRec` is 296 bytes, and a map keeps its values in its
     /// buckets, an eighth to a half of them empty (it grows by doubling).
-    tasks: HashMap<Arc<str>, Box<TaskRec>>,
+    tasks: Map<Arc<str>, Box<TaskRec>>,
     /// Durable: tasks changed (or gone) since the last write to disk.
-    dirty: Option<HashSet<Arc<str>>>,
+    dirty: Option<Set<Arc<str>>>,
 }
 
 #[derive(Default)]
@@ -65,7 +65,7 @@ impl Table {
     /// they were last taken for the disk ([`Table::take_dirty`]).
     pub fn new(fanout: Fanout, durable: bool) -> Self {
         let state = State {
-            dirty: durable.then(HashSet::new),
+            dirty: durable.then(Set::default),
             ..State::default()
         };
         Table {
