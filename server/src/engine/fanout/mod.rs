@@ -129,11 +129,26 @@ const FRAME_TAIL: &str = "}";
 
 /// A task's `task` frame, in an allocation of its own length (a `String`
 /// grown by doubling would keep up to twice that for as long as the state
-/// stays current).
+/// stays current). Written into the thread's scratch buffer first, then
+/// copied once: growing a fresh `String` and shrinking it took three
+/// reallocations per frame.
 fn task_frame(task: &Task) -> Utf8Bytes {
-    let json = serde_json::to_string(&TaskMsgRef { task }).expect("a Task always serialises");
-    debug_assert!(json.starts_with(FRAME_HEAD) && json.ends_with(FRAME_TAIL));
-    Utf8Bytes::from(json.into_boxed_str().into_string())
+    /// A scratch buffer grown past this by one large task is let go.
+    const SCRATCH_KEEP: usize = 16 * 1024;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, &TaskMsgRef { task }).expect("a Task always serialises");
+        let json = std::str::from_utf8(buf).expect("serde_json writes UTF-8");
+        debug_assert!(json.starts_with(FRAME_HEAD) && json.ends_with(FRAME_TAIL));
+        let frame = Utf8Bytes::from(json.to_owned());
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::new();
+        }
+        frame
+    })
 }
 
 /// The task's JSON inside its `task` frame.
