@@ -1,5 +1,5 @@
 import { defineConfig } from '@playwright/test';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -19,7 +19,9 @@ import path from 'node:path';
 
 const PORT = process.env.TASKWIRE_E2E_PORT ?? '3100';
 // The durable default, in a directory of this run's own.
+// (The config is loaded by every worker too: each removes its own on exit.)
 const DATA_DIR = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-'));
+process.once('exit', () => rmSync(DATA_DIR, { recursive: true, force: true }));
 const BASE_URL = `http://127.0.0.1:${PORT}`;
 const BIN = process.env.TASKWIRE_BIN ?? './target/release/taskwire';
 

@@ -1,7 +1,6 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { gzipSync } from 'node:zlib';
 import path from 'node:path';
 import type { Locator, Page, WebSocket as PwWebSocket } from '@playwright/test';
@@ -12,6 +11,7 @@ import {
   freePort,
   installAxe,
   logBrowserErrors,
+  scratchDir,
   expect,
   test,
 } from './helpers';
@@ -35,7 +35,7 @@ import {
 const API_KEY = `tw-e2e-${randomBytes(16).toString('hex')}`;
 
 function configFile(): string {
-  const dir = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-embed-'));
+  const dir = scratchDir('taskwire-e2e-embed-');
   const file = path.join(dir, 'taskwire.toml');
   const sha = createHash('sha256').update(API_KEY).digest('hex');
   // No [[backend]] and no [[kind]]: the embedded simulator and its `simulate`.

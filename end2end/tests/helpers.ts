@@ -1,7 +1,7 @@
 import { test as base, expect, type Locator, type Page } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
@@ -268,11 +268,25 @@ export async function freePort(): Promise<number> {
   });
 }
 
+const scratch: string[] = [];
+
+/** A fresh directory under the temp dir, removed when this process exits. */
+export function scratchDir(prefix: string): string {
+  const dir = mkdtempSync(path.join(tmpdir(), prefix));
+  if (scratch.length === 0) {
+    process.once('exit', () => {
+      for (const d of scratch) rmSync(d, { recursive: true, force: true });
+    });
+  }
+  scratch.push(dir);
+  return dir;
+}
+
 export class OwnServer {
   private child: ChildProcess | null = null;
   private output: string[] = [];
   /** Its own data directory, kept across stop and start (a restart keeps what it had). */
-  readonly dataDir = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-'));
+  readonly dataDir = scratchDir('taskwire-e2e-');
 
   /** `extra`: more arguments for the binary, e.g. `['--config', file]`. */
   constructor(

@@ -1,6 +1,5 @@
 import { createServer, type Server } from 'node:http';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import {
   OwnServer,
@@ -11,6 +10,7 @@ import {
   logBrowserErrors,
   openApp,
   progressBar,
+  scratchDir,
   taskItem,
   expect,
   test,
@@ -66,7 +66,7 @@ function jobService(): { server: Server; starts: unknown[] } {
 }
 
 function configFile(jobsPort: number): string {
-  const dir = mkdtempSync(path.join(tmpdir(), 'taskwire-e2e-kinds-'));
+  const dir = scratchDir('taskwire-e2e-kinds-');
   const file = path.join(dir, 'taskwire.toml');
   writeFileSync(
     file,

@@ -20,7 +20,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -1081,6 +1081,20 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * m).round() / m
 }
 
+/// A file or directory of this run's own (the server's store, a config
+/// file), removed however the run ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     let tck = clock_ticks_per_s();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1121,7 +1135,8 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
                  [[kind]]\nname = \"{SLOW_KIND}\"\nbackend = \"slow\"\ntask = \"simulate\"\n",
                 sim.addr, slow.addr
             );
-            std::fs::write(&file, text).map_err(|e| format!("config file: {e}"))?;
+            let file = Scratch(file);
+            std::fs::write(&file.0, text).map_err(|e| format!("config file: {e}"))?;
             slow_sim = Some(slow);
             Some(file)
         }
@@ -1140,12 +1155,14 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     let data_dir = std::env::temp_dir().join(format!("taskwire-loadgen-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data_dir);
     let own_data_dir = !opts.server_args.iter().any(|a| a == "--data-dir");
+    // Dropped after the server (declared before it): the store goes with the run.
+    let _data_dir = own_data_dir.then(|| Scratch(data_dir.clone()));
     let (poll_interval_ms, server_args) = (opts.poll_interval_ms, opts.server_args.clone());
     let taskwire_on = |role: &str, listen: &str| {
         let mut cmd = Command::new(&bin);
         cmd.args(["--listen", listen]);
         match &config_file {
-            Some(file) => cmd.arg("--config").arg(file),
+            Some(file) => cmd.arg("--config").arg(&file.0),
             None => cmd.arg("--backend").arg(format!("http://{}", sim.addr)),
         };
         cmd.arg("--poll-interval-ms")
@@ -1392,9 +1409,7 @@ async fn run(opts: Opts) -> Result<serde_json::Value, String> {
     drop(redis);
     drop(sim);
     drop(slow_sim);
-    if let Some(file) = &config_file {
-        let _ = std::fs::remove_file(file);
-    }
+    drop(config_file);
 
     // 6. The report (staleness: of the first backend's tasks only).
     let mut slow_staleness: Vec<u32> = Vec::new();

@@ -138,15 +138,19 @@ fn venv() -> PathBuf {
 
 /// A Celery worker (prefork, one process, so a second task waits in the
 /// queue) in its own process group, all of which is killed on drop. Its
-/// log is printed if the test fails.
+/// log is printed if the test fails. Its temp dir (the prefork pool's
+/// `pymp-*` directories, which a killed worker cannot remove) is its own,
+/// removed after it.
 struct Worker {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    _tmp: common::TempDir,
 }
 
 impl Worker {
     fn start(redis: &RedisServer) -> Worker {
         let tasks_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/celery");
+        let tmp = common::TempDir::new("celery");
         let mut child = Command::new(venv().join("bin/celery"))
             .args(["-A", "tasks", "worker", "--pool=prefork", "--concurrency=1"])
             .args(["-Q", QUEUE, "-n", &format!("tw{}@%h", redis.port)])
@@ -160,6 +164,7 @@ impl Worker {
             .env("TASKWIRE_CELERY_BROKER", redis.url(0))
             .env("TASKWIRE_CELERY_RESULT_BACKEND", redis.url(1))
             .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("TMPDIR", tmp.path())
             .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -177,7 +182,11 @@ impl Worker {
                 lines.lock().unwrap().push(line);
             }
         });
-        let worker = Worker { child, log };
+        let worker = Worker {
+            child,
+            log,
+            _tmp: tmp,
+        };
         if ready.recv_timeout(WAIT).is_err() {
             panic!("the Celery worker did not start:\n{}", worker.log_text());
         }

@@ -5,38 +5,11 @@
 mod common;
 
 use app::protocol::{ServerMsg, TaskState};
-use common::{spawn_taskwire, Client, TestApp};
+use common::{spawn_taskwire, Client, TempDir, TestApp};
 use server::config::Config;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("taskwire-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn start_node(dir: &TempDir) -> (Child, std::net::SocketAddr) {
     spawn_taskwire(&[
@@ -185,7 +158,7 @@ async fn finished_tasks_survive_and_then_expire() {
 #[test]
 fn a_damaged_file_is_a_clear_startup_error() {
     let dir = TempDir::new("corrupt");
-    let file = dir.0.join("taskwire.redb");
+    let file = dir.path().join("taskwire.redb");
     std::fs::write(&file, vec![0xA5u8; 64 * 1024]).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_taskwire"))
         .args(["--listen", "127.0.0.1:0", "--data-dir", dir.arg()])
@@ -259,7 +232,7 @@ async fn thousands_of_live_tasks_load_and_resume() {
     let dir = TempDir::new("many");
     let clock = Clock::new();
     {
-        let (db, _) = durable::open(&dir.0).unwrap();
+        let (db, _) = durable::open(dir.path()).unwrap();
         let table = Table::new(Fanout::new(clock), true);
         let session: std::sync::Arc<str> = "0123456789abcdef0123456789abcdef".into();
         let params = serde_json::json!({"duration_ms": 2_000, "steps": 2});
@@ -275,7 +248,7 @@ async fn thousands_of_live_tasks_load_and_resume() {
     }
     let mut config = Config::for_tests();
     config.ephemeral = false;
-    config.data_dir = dir.0.clone();
+    config.data_dir = dir.path().to_path_buf();
     let app = tokio::time::timeout(Duration::from_secs(60), TestApp::spawn(config))
         .await
         .expect("the start-up does not hang");

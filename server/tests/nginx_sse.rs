@@ -14,7 +14,8 @@ const NGINX: &str = "/usr/sbin/nginx";
 struct Nginx {
     child: Child,
     addr: SocketAddr,
-    _dir: std::path::PathBuf,
+    // Removed after `drop` has stopped nginx (fields drop last).
+    _dir: common::TempDir,
 }
 
 impl Drop for Nginx {
@@ -34,8 +35,8 @@ fn free_port() -> u16 {
 
 /// nginx in front of `upstream`, with docs/deployment.md's `/sse` location.
 fn nginx(upstream: SocketAddr) -> Nginx {
-    let dir = std::env::temp_dir().join(format!("tw-nginx-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::TempDir::new("nginx");
+    let dir = tmp.path();
     let port = free_port();
     let conf = format!(
         r#"
@@ -80,7 +81,7 @@ http {{
         .arg("-c")
         .arg(&path)
         .arg("-p")
-        .arg(&dir)
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -94,7 +95,7 @@ http {{
     Nginx {
         child,
         addr,
-        _dir: dir,
+        _dir: tmp,
     }
 }
 

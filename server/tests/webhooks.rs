@@ -242,8 +242,8 @@ async fn urls_outside_the_allow_list_are_refused() {
 async fn a_pending_delivery_survives_a_restart_with_the_file_store() {
     // The first process only ever sees failures.
     let (rx, base) = Receiver::start(&[503; 1000]).await;
-    let dir = std::env::temp_dir().join(format!("taskwire-hooks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = common::TempDir::new("hooks");
+    let dir = tmp.path().join("deliveries");
     let mut s = settings(&base);
     s.retry_initial_ms = 300;
     s.retry_max_ms = 300;
@@ -302,7 +302,6 @@ async fn a_pending_delivery_survives_a_restart_with_the_file_store() {
         .all(|h| header(h, "x-taskwire-delivery") == first_id));
     pending_drops_to_zero(&hooks).await;
     hooks.close().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -387,8 +386,8 @@ async fn shared_deliveries(url: &str) {
 async fn https_webhooks_are_sent_over_tls_to_a_trusted_receiver() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let dir = std::env::temp_dir().join(format!("tw-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::TempDir::new("tls");
+    let dir = tmp.path();
     // A CA, and a leaf for 127.0.0.1 it signed (a self-signed CA used as
     // the server's own certificate is rightly refused by webpki).
     let (ca, cert, key) = (
@@ -404,7 +403,7 @@ async fn https_webhooks_are_sent_over_tls_to_a_trusted_receiver() {
     .unwrap();
     let openssl = |args: &[&str]| {
         let ok = Command::new("openssl")
-            .current_dir(&dir)
+            .current_dir(dir)
             .args(args)
             .stderr(Stdio::null())
             .status()
