@@ -227,7 +227,10 @@ impl Owner {
         let clock = self.backends.slot(0).ctx.clock;
         let mut round = Instant::now() - RENEW_EVERY;
         let mut rounds = 0u64;
-        let mut inbox_read = Instant::now() - INBOX_TICK;
+        // When the inboxes may be read next, and the backoff after a
+        // failed read (Redis away: no retry every tick).
+        let mut inbox_next = Instant::now();
+        let mut inbox_retry = RETRY_MIN;
         let mut retry = RETRY_MIN;
         loop {
             while let Some(done) = self.in_flight.try_join_next() {
@@ -255,16 +258,21 @@ impl Owner {
             }
             // New tasks and cancels, taken at most every INBOX_TICK: a burst
             // of starts costs one LPOP and one read per partition per tick.
-            let inbox_wait = INBOX_TICK.saturating_sub(inbox_read.elapsed());
-            if inbox_wait.is_zero() && self.inboxes.any() {
-                inbox_read = Instant::now();
-                self.take_new(clock.now_ms()).await;
+            if Instant::now() >= inbox_next && self.inboxes.any() {
+                let read_at = Instant::now();
+                if self.take_new(clock.now_ms()).await {
+                    inbox_next = read_at + INBOX_TICK;
+                    inbox_retry = RETRY_MIN;
+                } else {
+                    inbox_next = Instant::now() + inbox_retry;
+                    inbox_retry = (inbox_retry * 2).min(RETRY_MAX);
+                }
             }
             let now = clock.now_ms();
             self.dispatch(now);
             let mut sleep = MAX_SLEEP.min(RENEW_EVERY.saturating_sub(round.elapsed()));
             if self.inboxes.any() {
-                sleep = sleep.min(INBOX_TICK.saturating_sub(inbox_read.elapsed()));
+                sleep = sleep.min(inbox_next.saturating_duration_since(Instant::now()));
             }
             // A backend with every permit in use waits for a poll to end
             // (`join_next` below), not for its due polls.
@@ -458,8 +466,10 @@ impl Owner {
     }
 
     /// Takes the new tasks of every owned partition whose inbox was marked,
-    /// and the tasks to read again.
-    async fn take_new(&mut self, now_ms: u64) {
+    /// and the tasks to read again. False at the first failed Redis call:
+    /// that partition and those not reached yet stay marked, for a retry
+    /// after a backoff.
+    async fn take_new(&mut self, now_ms: u64) -> bool {
         for p in 0..PARTITIONS {
             // A mark of a partition owned elsewhere is cleared too.
             if !self.inboxes.take(p) || !self.parts.contains_key(&p) {
@@ -471,7 +481,7 @@ impl Owner {
                     Err(e) => {
                         redis_error("inbox", &e);
                         self.inboxes.mark(Some(p));
-                        break;
+                        return false;
                     }
                 };
                 let fresh: Vec<String> = ids
@@ -493,6 +503,7 @@ impl Owner {
                 Err(e) => {
                     redis_error("cancels", &e);
                     self.inboxes.mark(Some(p));
+                    return false;
                 }
             }
         }
@@ -502,6 +513,7 @@ impl Owner {
                 self.read_into(p, &[id.to_string()], now_ms).await;
             }
         }
+        true
     }
 
     /// Reads `ids` of partition `p` into the queues, due at `due_ms`.
